@@ -1,0 +1,144 @@
+"""Shim build: extracted kernel unit + runtime + the tree's libfdt -> one
+shared library, cached by (source digest, page shift, flavor, project inputs).
+
+Flavors:
+- ``plain``: gcc (or clang) -O1, for speed;
+- ``asan``: clang, ASan + UBSan; UBSan traps (-fsanitize-trap) are caught by
+  the runtime and reported as findings, ASan reports arrive through its
+  report callback with halt_on_error=0;
+- ``fuzz``: ``asan`` plus ``-fsanitize=fuzzer-no-link`` so atheris sees the
+  kernel code's coverage (loaded under atheris's asan_with_fuzzer.so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reference.program import c_declarations
+
+from .errors import KhoConformError
+from .extract import KHO_C, Extraction, extract, include_flags
+from .kernel_source import KernelSource, cache_dir
+
+FLAVORS = ("plain", "asan", "fuzz")
+PAGE_SHIFTS = (12, 14, 16)
+HARNESS_DIR = Path(__file__).parent / "harness"
+RUNTIME_DIR = Path(__file__).parent / "shims" / "runtime"
+SHIM_DIR = Path(__file__).parent / "shims"
+LIBFDT_SOURCES = ("fdt.c", "fdt_ro.c", "fdt_rw.c", "fdt_sw.c", "fdt_wip.c", "fdt_strerror.c")
+CLANG_CANDIDATES = ("clang-16", "clang")
+# The kernel unit must not silently get int-returning implicit prototypes.
+STRICT = ["-Werror=implicit-function-declaration", "-Werror=int-conversion", "-Werror=incompatible-pointer-types"]
+SANITIZE = ["-fsanitize=address,undefined", "-fsanitize-trap=undefined", "-fsanitize-recover=address",
+            "-fno-omit-frame-pointer"]
+
+
+@dataclass
+class Build:
+    library: Path
+    source: KernelSource
+    page_shift: int
+    flavor: str
+    compiler: str
+    api: str
+    compatible: str
+    doc_compatible: str
+    unit_bytes: int
+    kept: list[str] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    cached: bool = False
+
+    def identity(self) -> dict:
+        return {
+            **self.source.identity(), "page_shift": self.page_shift, "flavor": self.flavor,
+            "compiler": self.compiler, "api": self.api, "library": str(self.library),
+        }
+
+
+def find_compiler(flavor: str) -> str:
+    names = CLANG_CANDIDATES if flavor != "plain" else ("gcc", "cc", *CLANG_CANDIDATES)
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    need = "clang-16" if flavor != "plain" else "gcc or clang"
+    raise KhoConformError(f"no C compiler for flavor '{flavor}': install {need} (apt-get install clang-16 libclang-rt-16-dev)")
+
+
+def _project_inputs_digest() -> str:
+    h = hashlib.sha256()
+    for path in sorted([*SHIM_DIR.rglob("*.[ch]"), *HARNESS_DIR.glob("*.c"), Path(__file__), Path(__file__).parent / "extract.py"]):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    h.update(c_declarations().encode())
+    return h.hexdigest()[:16]
+
+
+def _flags(flavor: str) -> list[str]:
+    common = ["-std=gnu11", "-fPIC", "-g", "-fno-strict-aliasing", "-fno-common"]
+    if flavor == "plain":
+        return [*common, "-O1"]
+    extra = ["-fsanitize=fuzzer-no-link"] if flavor == "fuzz" else []
+    return [*common, "-O1", *SANITIZE, *extra]
+
+
+def _run(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        lines = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.splitlines() or ["?"]
+        raise KhoConformError(f"compiling {what} failed: {lines[0][:300]}")
+
+
+def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, force: bool = False) -> Build:
+    """Build (or reuse) the harness library for one source, page shift and flavor."""
+    if flavor not in FLAVORS:
+        raise KhoConformError(f"unknown flavor '{flavor}': use one of {', '.join(FLAVORS)}")
+    if page_shift not in PAGE_SHIFTS:
+        raise KhoConformError(f"page shift {page_shift} is not modelled: use 12, 14 or 16")
+    cc = find_compiler(flavor)
+    key = f"{source.digest()[:16]}-{_project_inputs_digest()}-ps{page_shift}-{flavor}"
+    work = cache_dir() / "builds" / key
+    library = work / "libkho.so"
+    meta_path = work / "build.json"
+    if library.exists() and meta_path.exists() and not force:
+        meta = json.loads(meta_path.read_text())
+        return Build(library=library, source=source, page_shift=page_shift, flavor=flavor, cached=True, **meta)
+    start = time.monotonic()
+    work.mkdir(parents=True, exist_ok=True)
+    ex: Extraction = extract(source.root, work, page_shift, cc)
+    gen = work / "gen"
+    gen.mkdir(exist_ok=True)
+    (gen / "kc_program.h").write_text(c_declarations())
+    staged = work / "stage"
+    unit = staged / KHO_C.replace("kexec_handover.c", "kc_unit.c")
+    unit.write_text(ex.unit)
+    flags = [*_flags(flavor), f"-DKC_PAGE_SHIFT={page_shift}"]
+    objs = []
+    obj = work / "kho.o"
+    _run([cc, *flags, *STRICT, *include_flags(staged), f"-I{gen}", f"-I{HARNESS_DIR}", "-c", str(unit), "-o", str(obj)],
+         f"{KHO_C} against the shims")
+    objs.append(obj)
+    obj = work / "runtime.o"
+    _run([cc, *flags, *STRICT, f"-I{RUNTIME_DIR}", f"-I{gen}", "-c", str(RUNTIME_DIR / "kc_runtime.c"), "-o", str(obj)], "the runtime")
+    objs.append(obj)
+    libfdt = source.root / "scripts/dtc/libfdt"
+    for name in LIBFDT_SOURCES:
+        obj = work / f"{name}.o"
+        _run([cc, *flags, f"-I{libfdt}", "-w", "-c", str(libfdt / name), "-o", str(obj)], f"libfdt {name}")
+        objs.append(obj)
+    link = [cc, "-shared", "-Wl,--no-undefined", *(_flags(flavor) if flavor != "plain" else []), "-o", str(library), *map(str, objs), "-ldl", "-lc"]
+    _run(link, "the harness library")
+    meta = {
+        "compiler": cc, "api": ex.api, "compatible": ex.compatible, "doc_compatible": ex.doc_compatible,
+        "unit_bytes": len(ex.unit.encode()), "kept": ex.kept, "dropped": ex.dropped,
+        "seconds": round(time.monotonic() - start, 2),
+    }
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return Build(library=library, source=source, page_shift=page_shift, flavor=flavor, **meta)

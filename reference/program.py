@@ -1,0 +1,338 @@
+"""The op language: one definition shared by the model, the C harness, the
+fuzzers and the corpus.
+
+A program is a header (page shift, RAM layout, NUMA layout, scratch areas,
+fault injection, arena size) and a list of ops. Ops before ``kexec`` run in the
+old kernel, ops after it in the next kernel.
+
+Three forms, all lossless:
+
+- ``Program`` objects (this module);
+- the text form, one op per line, which traces print and people write;
+- the packed binary form handed to the C harness in one call
+  (``pack``/``C_DECLARATIONS``; the C side includes the declarations this
+  module generates, so the two can never disagree).
+
+Physical memory model shared by both implementations: the old kernel allocates
+tree nodes, the FDT page and its other pages from an *arena* of
+``arena_pages`` pages starting at ``ARENA_BASE_PHYS``. Arena page 0 holds the
+scratch descriptor array that is handed over; allocations start at arena page
+1 and take the lowest free page first. The arena is always RAM, in addition
+to the ``ram`` ranges of the header.
+"""
+
+from __future__ import annotations
+
+import shlex
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+ARENA_BASE_PHYS = 0x4000_0000  # 1 GiB: aligned for every supported page size
+MAX_RAM_RANGES = 8
+MAX_NUMA_RANGES = 8
+MAX_SCRATCH = 4
+MAX_NAME = 63  # subtree names; the packed record keeps a NUL after them
+# RAM (and so the kernel's memmap) must lie below this pfn; ops may still name
+# any pfn: outside RAM a pfn is only a number.
+MAX_RAM_PFN = 1 << 28
+MAX_ARENA_PAGES = 1 << 18
+# Restore ops re-initialise one struct page per restored page; past this many
+# pages both implementations report RESTORE_SKIPPED instead of running them.
+RESTORE_PAGE_LIMIT = 1 << 16
+RESTORE_SKIPPED = -1000
+# The op never ran: an earlier op faulted or exhausted its CPU budget.
+NOT_RUN = -1001
+
+
+class Op(IntEnum):
+    """Op kinds. Operand meaning per kind is in ``OPERANDS``."""
+
+    PRESERVE_FOLIO = 1
+    UNPRESERVE_FOLIO = 2
+    PRESERVE_PAGES = 3
+    UNPRESERVE_PAGES = 4
+    RADIX_ADD = 5  # direct radix API, by (pfn, order)
+    RADIX_DEL = 6
+    RADIX_ADD_KEY = 7  # direct radix API, by raw key (key-API kernels only)
+    RADIX_DEL_KEY = 8
+    ADD_SUBTREE = 9
+    REMOVE_SUBTREE = 10
+    POKE_ARENA = 11  # corrupt the handover image: write a u64 into an arena page
+    POKE_FDT = 12  # corrupt the handover image: write a byte of the FDT page
+    KEXEC = 13
+    RESTORE_FOLIO = 14
+    RESTORE_PAGES = 15
+    RETRIEVE_SUBTREE = 16
+
+
+# text-form name -> (kind, operand names). "name" is the subtree name string.
+OPERANDS: dict[Op, tuple[str, ...]] = {
+    Op.PRESERVE_FOLIO: ("pfn", "order"),
+    Op.UNPRESERVE_FOLIO: ("pfn", "order"),
+    Op.PRESERVE_PAGES: ("pfn", "nr_pages"),
+    Op.UNPRESERVE_PAGES: ("pfn", "nr_pages"),
+    Op.RADIX_ADD: ("pfn", "order"),
+    Op.RADIX_DEL: ("pfn", "order"),
+    Op.RADIX_ADD_KEY: ("key",),
+    Op.RADIX_DEL_KEY: ("key",),
+    Op.ADD_SUBTREE: ("name", "phys", "size"),
+    Op.REMOVE_SUBTREE: ("phys",),
+    Op.POKE_ARENA: ("arena_page", "slot", "value"),
+    Op.POKE_FDT: ("offset", "value"),
+    Op.KEXEC: (),
+    Op.RESTORE_FOLIO: ("phys",),
+    Op.RESTORE_PAGES: ("phys", "nr_pages"),
+    Op.RETRIEVE_SUBTREE: ("name",),
+}
+
+OLD_KERNEL_OPS = frozenset(
+    {
+        Op.PRESERVE_FOLIO, Op.UNPRESERVE_FOLIO, Op.PRESERVE_PAGES, Op.UNPRESERVE_PAGES,
+        Op.RADIX_ADD, Op.RADIX_DEL, Op.RADIX_ADD_KEY, Op.RADIX_DEL_KEY,
+        Op.ADD_SUBTREE, Op.REMOVE_SUBTREE, Op.POKE_ARENA, Op.POKE_FDT,
+    }
+)
+NEW_KERNEL_OPS = frozenset({Op.RESTORE_FOLIO, Op.RESTORE_PAGES, Op.RETRIEVE_SUBTREE})
+
+U64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Step:
+    """One op. Integer operands are u64 (``a``, ``b``, ``c`` in operand order,
+    skipping ``name``); ``name`` is the subtree name, or ''."""
+
+    op: Op
+    a: int = 0
+    b: int = 0
+    c: int = 0
+    name: str = ""
+
+    def operands(self) -> dict[str, int | str]:
+        values = iter((self.a, self.b, self.c))
+        return {n: (self.name if n == "name" else next(values)) for n in OPERANDS[self.op]}
+
+    def text(self) -> str:
+        parts = [self.op.name.lower()]
+        for n, v in self.operands().items():
+            if n == "name":
+                parts.append(_quote(str(v)))
+            elif n in ("order", "slot"):
+                parts.append(str(v))
+            else:
+                parts.append(hex(int(v)))
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Header:
+    page_shift: int = 12
+    ram: tuple[tuple[int, int], ...] = ((0, 1 << 20),)  # [start_pfn, end_pfn)
+    numa: tuple[tuple[int, int], ...] = ((0, 0),)  # (start_pfn, nid), sorted by pfn
+    scratch: tuple[tuple[int, int], ...] = ()  # (phys, size) of old-kernel scratch areas
+    fail_alloc: int = 0  # 1-based index of the page allocation that fails; 0: none
+    arena_pages: int = 256
+
+    def nid_of(self, pfn: int) -> int:
+        nid = 0
+        for start, n in self.numa:
+            if start <= pfn:
+                nid = n
+            else:
+                break
+        return nid
+
+    def arena_range(self) -> tuple[int, int]:
+        """[first, end) pfn of the arena."""
+        first = ARENA_BASE_PHYS >> self.page_shift
+        return first, first + self.arena_pages
+
+    def is_ram(self, pfn: int) -> bool:
+        lo, hi = self.arena_range()
+        return lo <= pfn < hi or any(s <= pfn < e for s, e in self.ram)
+
+    def validate(self) -> None:
+        """Raise ProgramError if the header is outside what the harness models."""
+        if self.page_shift not in (12, 14, 16):
+            raise ProgramError(f"page_shift {self.page_shift}: use 12, 14 or 16")
+        if not 2 <= self.arena_pages <= MAX_ARENA_PAGES:
+            raise ProgramError(f"arena_pages {self.arena_pages}: use 2..{MAX_ARENA_PAGES}")
+        if len(self.ram) > MAX_RAM_RANGES or len(self.numa) > MAX_NUMA_RANGES:
+            raise ProgramError(f"at most {MAX_RAM_RANGES} ram and {MAX_NUMA_RANGES} numa ranges")
+        if len(self.scratch) > MAX_SCRATCH:
+            raise ProgramError(f"at most {MAX_SCRATCH} scratch areas")
+        for s, e in self.ram:
+            if not 0 <= s <= e <= MAX_RAM_PFN:
+                raise ProgramError(f"ram range {s:#x}..{e:#x} must lie in [0, {MAX_RAM_PFN:#x}]")
+        starts = [s for s, _ in self.numa]
+        if starts != sorted(starts):
+            raise ProgramError("numa ranges must be sorted by start pfn")
+        lo, hi = self.arena_range()
+        if hi > MAX_RAM_PFN:
+            raise ProgramError("arena does not fit below MAX_RAM_PFN at this page shift")
+
+
+@dataclass(frozen=True)
+class Program:
+    header: Header = field(default_factory=Header)
+    steps: tuple[Step, ...] = ()
+
+    def text(self) -> str:
+        return format_program(self)
+
+    def kexec_index(self) -> int | None:
+        for i, s in enumerate(self.steps):
+            if s.op == Op.KEXEC:
+                return i
+        return None
+
+
+class ProgramError(ValueError):
+    """A program that cannot be parsed or is outside the modelled domain."""
+
+
+def _quote(s: str) -> str:
+    return shlex.quote(s) if s else "''"
+
+
+def format_program(p: Program) -> str:
+    h = p.header
+    lines = [f"page_shift {h.page_shift}", f"arena_pages {h.arena_pages}"]
+    lines += [f"ram {s:#x} {e:#x}" for s, e in h.ram]
+    lines += [f"numa {s:#x} {n}" for s, n in h.numa]
+    lines += [f"scratch {a:#x} {z:#x}" for a, z in h.scratch]
+    if h.fail_alloc:
+        lines.append(f"fail_alloc {h.fail_alloc}")
+    lines.append("---")
+    lines += [s.text() for s in p.steps]
+    return "\n".join(lines) + "\n"
+
+
+def parse_program(text: str) -> Program:
+    """Parse the text form. Header lines come before ``---``; a header line
+    that is absent keeps its default, except that any ``ram``/``numa`` line
+    replaces the default list."""
+    head: dict = {}
+    lists: dict[str, list] = {"ram": [], "numa": [], "scratch": []}
+    steps: list[Step] = []
+    in_ops = False
+    names = {k.name.lower(): k for k in Op}
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        try:
+            words = shlex.split(raw, comments=True)
+        except ValueError as e:
+            raise ProgramError(f"line {lineno}: {e}") from None
+        if not words:
+            continue
+        if words == ["---"]:
+            in_ops = True
+            continue
+        key, args = words[0].lower(), words[1:]
+        try:
+            if key in names:
+                in_ops = True
+                steps.append(_parse_step(names[key], args))
+            elif in_ops:
+                raise ProgramError(f"unknown op {key!r}")
+            elif key in lists:
+                lists[key].append(tuple(int(x, 0) for x in args[:2]))
+            elif key in ("page_shift", "fail_alloc", "arena_pages"):
+                head[key] = int(args[0], 0)
+            else:
+                raise ProgramError(f"unknown header line {key!r}")
+        except (IndexError, ValueError) as e:
+            raise ProgramError(f"line {lineno}: {raw.strip()!r}: {e}") from None
+    for k, v in lists.items():
+        if v:
+            head[k] = tuple(v)
+    header = Header(**head)
+    header.validate()
+    return Program(header, tuple(steps))
+
+
+def _parse_step(op: Op, args: list[str]) -> Step:
+    want = OPERANDS[op]
+    if len(args) != len(want):
+        raise ProgramError(f"{op.name.lower()} takes {len(want)} operands: {' '.join(want)}")
+    name = ""
+    ints: list[int] = []
+    for n, v in zip(want, args):
+        if n == "name":
+            name = v
+        else:
+            x = int(v, 0)
+            if not 0 <= x <= U64:
+                raise ProgramError(f"{n} {v} is not a u64")
+            ints.append(x)
+    if len(name.encode()) > MAX_NAME:
+        raise ProgramError(f"subtree name longer than {MAX_NAME} bytes")
+    return Step(op, *ints, name=name) if ints else Step(op, name=name)
+
+
+# ---- packed form for the C harness --------------------------------------
+
+_HEADER_FMT = "<IIII QQ" + "QQ" * MAX_RAM_RANGES + "QQ" * MAX_NUMA_RANGES + "QQ" * MAX_SCRATCH
+_STEP_FMT = f"<IIQQQ{MAX_NAME + 1}s"
+HEADER_SIZE = struct.calcsize(_HEADER_FMT)
+STEP_SIZE = struct.calcsize(_STEP_FMT)
+
+
+def _pairs(items: tuple[tuple[int, int], ...], n: int) -> list[int]:
+    flat = [x for pair in items for x in pair]
+    return flat + [0] * (2 * n - len(flat))
+
+
+def pack(p: Program) -> bytes:
+    """The binary form read by the C harness (``struct kc_header`` followed by
+    ``struct kc_step[]``)."""
+    h = p.header
+    out = [
+        struct.pack(
+            _HEADER_FMT, h.page_shift, len(h.ram), len(h.numa), len(h.scratch),
+            h.fail_alloc, h.arena_pages,
+            *_pairs(h.ram, MAX_RAM_RANGES), *_pairs(h.numa, MAX_NUMA_RANGES),
+            *_pairs(h.scratch, MAX_SCRATCH),
+        )
+    ]
+    for s in p.steps:
+        out.append(struct.pack(_STEP_FMT, int(s.op), 0, s.a & U64, s.b & U64, s.c & U64, s.name.encode()))
+    return b"".join(out)
+
+
+def c_declarations() -> str:
+    """C declarations matching ``pack``; the harness build writes them to
+    ``kc_program.h`` so that C and Python share one definition."""
+    ops = "\n".join(f"\tKC_{k.name} = {int(k)}," for k in Op)
+    return f"""/* Generated from reference/program.py: do not edit. */
+#ifndef KC_PROGRAM_H
+#define KC_PROGRAM_H
+#define KC_ARENA_BASE_PHYS {ARENA_BASE_PHYS:#x}ULL
+#define KC_MAX_RAM_PFN {MAX_RAM_PFN:#x}ULL
+#define KC_MAX_ARENA_PAGES {MAX_ARENA_PAGES}
+#define KC_MAX_NAME {MAX_NAME}
+#define KC_RESTORE_PAGE_LIMIT {RESTORE_PAGE_LIMIT}ULL
+#define KC_RESTORE_SKIPPED ({RESTORE_SKIPPED})
+enum kc_op {{
+{ops}
+}};
+/* no <stdint.h>: the harness is built -nostdinc inside the kernel unit */
+typedef unsigned int kc_u32;
+typedef unsigned long long kc_u64;
+struct kc_range {{ kc_u64 a, b; }};
+struct kc_header {{
+	kc_u32 page_shift, n_ram, n_numa, n_scratch;
+	kc_u64 fail_alloc, arena_pages;
+	struct kc_range ram[{MAX_RAM_RANGES}];   /* start_pfn, end_pfn */
+	struct kc_range numa[{MAX_NUMA_RANGES}];  /* start_pfn, nid */
+	struct kc_range scratch[{MAX_SCRATCH}];  /* phys, size */
+}} __attribute__((packed));
+struct kc_step {{
+	kc_u32 op, pad;
+	kc_u64 a, b, c;
+	char name[{MAX_NAME + 1}];
+}} __attribute__((packed));
+_Static_assert(sizeof(struct kc_header) == {HEADER_SIZE}, "header layout");
+_Static_assert(sizeof(struct kc_step) == {STEP_SIZE}, "step layout");
+#endif
+"""
