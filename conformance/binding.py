@@ -5,6 +5,7 @@ per program, its records turned into the same ``Outcome`` the model gives.
 from __future__ import annotations
 
 import functools
+import re
 import os
 import struct
 import subprocess
@@ -13,7 +14,10 @@ from pathlib import Path
 
 from cffi import FFI
 
-from reference.outcome import Image, NextKernel, OpResult, Outcome
+from reference.arena import words_from_bytes
+from reference.geometry import geometry
+from reference.outcome import Image, NextKernel, OpResult, Outcome, TreeNode
+from reference.tree import leaf_bits, traverse
 from reference.program import ARENA_BASE_PHYS, NOT_RUN, Header, Op, Program, Step, pack
 
 from .build import Build
@@ -28,6 +32,9 @@ _ffi.cdef(
     const char *kc_text_buffer(unsigned long *n);
     const unsigned char *kc_snapshot_pages(unsigned long *n);
     int kc_page_shift(void);
+    void kc_abi_constants(unsigned long long *out);
+    unsigned long long kc_encode_key(unsigned long long phys, unsigned int order);
+    unsigned long long kc_decode_key(unsigned long long key, unsigned int *order);
     """
 )
 
@@ -40,6 +47,21 @@ FDT_TOTALSIZE = struct.Struct(">I")
 
 def _signed(x: int) -> int:
     return x - (1 << 64) if x >> 63 else x
+
+
+@functools.lru_cache(maxsize=4096)
+def symbolize(location: str) -> str:
+    """'lib.so+0x1234' -> 'function file:line', for event records."""
+    m = re.search(r"(\S+\.so)\+(0x[0-9a-f]+)", location)
+    if not m:
+        return location
+    try:
+        out = subprocess.run(["addr2line", "-f", "-i", "-e", m.group(1), m.group(2)], capture_output=True, text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.TimeoutExpired):
+        return location
+    if len(out) >= 2 and out[0] != "??":
+        return location.replace(m.group(0), f"{out[0]} {out[1].rsplit('/', 1)[-1]}")
+    return location
 
 
 def sanitizer_preload(flavor: str) -> str | None:
@@ -94,6 +116,21 @@ class Harness:
             raise KhoConformError("the harness refused the program header")
         return self._outcome(program.header, len(program.steps), foreign=False)
 
+    def abi_constants(self) -> dict[str, int]:
+        """Depth, table and bitmap sizes and key width as the tree's code defines them."""
+        out = _ffi.new("unsigned long long[6]")
+        self.lib.kc_abi_constants(out)
+        names = ("depth", "table_log2", "bitmap_log2", "key_width", "node_bytes", "leaf_bytes")
+        return dict(zip(names, out))
+
+    def encode_key(self, phys: int, order: int) -> int:
+        return self.lib.kc_encode_key(phys, order)
+
+    def decode_key(self, key: int) -> tuple[int, int]:
+        order = _ffi.new("unsigned int *")
+        phys = self.lib.kc_decode_key(key, order)
+        return phys, order[0]
+
     def restore(self, image: Image, header: Header, steps: tuple[Step, ...]) -> Outcome:
         """Boot the next kernel from an image made elsewhere, then run the
         (next-kernel) steps. The outcome's ops[0] is the kexec."""
@@ -141,7 +178,7 @@ class Harness:
             elif kind == REC_LOG:
                 log.append(string(a))
             elif kind == REC_EVENT:
-                events.append(string(a))
+                events.append(symbolize(string(a)))
             elif kind == REC_STATE:
                 state = (a, b)
                 if kexec_at is None and op != OP_BOOT and op < nsteps:
@@ -175,8 +212,6 @@ class Harness:
         )
 
     def _old_state(self, header: Header, root_phys: int, fdt_phys: int) -> dict:
-        from reference.image import canonical_from_pages  # the ABI reader shared with the model
-
         n = _ffi.new("unsigned long *")
         buf = self.lib.kc_snapshot_pages(n)
         raw = bytes(_ffi.buffer(buf, n[0] * self.page_size)) if n[0] else b""
@@ -191,10 +226,29 @@ class Harness:
         fdt_page = page(fdt_phys) or b""
         total = FDT_TOTALSIZE.unpack_from(fdt_page, 4)[0] if len(fdt_page) >= 8 else 0
         fdt = fdt_page[: min(total, ps)]
-        tree, node_pages = canonical_from_pages(root_phys, page, self.page_shift)
+        tree, node_pages = _canonical_tree(root_phys, page, self.page_shift)
         scratch = (page(ARENA_BASE_PHYS) or b"")[: 16 * len(header.scratch)]
         image = Image(self.page_shift, fdt_phys, fdt, ARENA_BASE_PHYS, scratch, node_pages)
         return {"root_phys": root_phys, "tree": tree, "node_pages": node_pages, "fdt": fdt, "image": image}
+
+
+def _canonical_tree(root: int, page, page_shift: int) -> tuple[tuple[TreeNode, ...], dict[int, bytes]]:
+    """The C tree in canonical form, read with the same ABI traversal the
+    model uses (reference.tree), so both sides are named the same way."""
+    ps = 1 << page_shift
+    cache: dict[int, dict[int, int] | None] = {}
+
+    def words(phys: int):
+        if phys not in cache:
+            data = page(phys)
+            cache[phys] = None if data is None else words_from_bytes(data, ps)
+        return cache[phys]
+
+    nodes, raw = [], {}
+    for v in traverse(root, geometry(page_shift), words, strict=False):
+        nodes.append(TreeNode(v.path, v.level, v.phys, tuple(sorted(v.words)) if v.level else tuple(leaf_bits(v.words))))
+        raw[v.phys] = page(v.phys)
+    return tuple(nodes), raw
 
 
 @functools.lru_cache(maxsize=None)

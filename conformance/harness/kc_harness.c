@@ -380,3 +380,30 @@ int kc_page_shift(void)
 {
 	return PAGE_SHIFT;
 }
+
+/* The ABI as this tree's code defines it, for the conformance report. */
+void kc_abi_constants(unsigned long long *out)
+{
+	out[0] = KHO_TREE_MAX_DEPTH;
+	out[1] = KHO_TABLE_SIZE_LOG2;
+	out[2] = KHO_BITMAP_SIZE_LOG2;
+#if KC_KEY_API
+	out[3] = KHO_RADIX_KEY_WIDTH;
+#else
+	out[3] = KHO_ORDER_0_LOG2 + 1; /* order bit of order 0, plus the pfn bits below it */
+#endif
+	out[4] = sizeof(struct kho_radix_node);
+	out[5] = sizeof(struct kho_radix_leaf);
+}
+
+/* The kernel's own key encoding, for the key-vector checks (in-domain only:
+ * out of domain the kernel's shifts are undefined). */
+unsigned long long kc_encode_key(unsigned long long phys, unsigned int order)
+{
+	return KC_ENCODE_KEY(phys, order);
+}
+
+unsigned long long kc_decode_key(unsigned long long key, unsigned int *order)
+{
+	return KC_DECODE_KEY(key, order);
+}

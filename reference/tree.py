@@ -1,0 +1,157 @@
+"""The KHO radix tree as a set of keys laid out in page-sized nodes.
+
+Levels ``depth-1`` (root) .. 1 are tables of child physical addresses (0:
+empty), level 0 is a leaf bitmap whose bit b is bit b % 64 of little-endian
+word b // 64. Nodes are reached through the physical addresses stored in their
+parents, so a corrupted table entry (see POKE_ARENA) is followed exactly as
+memory says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from .arena import Arena
+from .geometry import Geometry
+from .outcome import ENOMEM
+
+PageOf = Callable[[int], Mapping[int, int] | None]
+
+
+class BadPointer(Exception):
+    """An old-kernel tree op met a table entry that is not an in-use arena page
+    holding words. The kernel would dereference it; the model stops instead."""
+
+
+class TreeError(Exception):
+    """A strict traversal found a tree the next kernel must refuse."""
+
+
+def leaf_bits(words: Mapping[int, int]) -> Iterator[int]:
+    """Set bits of a leaf bitmap, ascending."""
+    for w in sorted(words):
+        v = words[w]
+        while v:
+            low = v & -v
+            yield (w << 6) | (low.bit_length() - 1)
+            v ^= low
+
+
+@dataclass(frozen=True)
+class Visit:
+    path: tuple[int, ...]  # table indices from the root
+    level: int
+    phys: int
+    words: Mapping[int, int]
+    base: int  # key bits contributed by the path
+
+
+def traverse(root: int, geo: Geometry, page_of: PageOf, strict: bool) -> Iterator[Visit]:
+    """Nodes depth first, ascending slot order, a node before its children (so
+    leaves come in ascending key order).
+
+    strict (the next kernel): an entry to a page that page_of does not know, or
+    a page reached twice, raises TreeError. Lenient (capturing the old
+    kernel's state): such entries are listed in their table but not followed.
+    """
+    seen: set[int] = set()
+    words = page_of(root)
+    if words is None:
+        if strict:
+            raise TreeError("tree root not in the image")
+        return
+    seen.add(root)
+
+    def visit(path: tuple[int, ...], level: int, phys: int, words: Mapping[int, int], base: int) -> Iterator[Visit]:
+        yield Visit(path, level, phys, words, base)
+        if level == 0:
+            return
+        for slot in sorted(words):
+            child = words[slot]
+            child_words = page_of(child)
+            if child_words is None or child in seen:
+                if strict:
+                    raise TreeError("tree pointer outside RAM" if child_words is None else "tree loop")
+                continue
+            seen.add(child)
+            yield from visit((*path, slot), level - 1, child, child_words, base | (slot << geo.shift(level)))
+
+    yield from visit((), geo.root_level, root, words, 0)
+
+
+class RadixTree:
+    """The old kernel's tree: nodes allocated from the arena."""
+
+    def __init__(self, arena: Arena, geo: Geometry, root: int) -> None:
+        self.arena = arena
+        self.geo = geo
+        self.root = root
+        # Lowest key bit indexed by each table, root first: the hot path.
+        self._shifts = tuple(geo.shift(lv) for lv in range(geo.root_level, 0, -1))
+        self._slot_mask = (1 << geo.table_log2) - 1
+        self._bit_mask = (1 << geo.bitmap_log2) - 1
+
+    def _node(self, phys: int) -> dict[int, int]:
+        words = self.arena.words(phys)
+        if words is None:
+            raise BadPointer(f"table entry {phys:#x} is not a tree page")
+        return words
+
+    def _leaf(self, key: int) -> dict[int, int] | None:
+        """The leaf holding key, or None when a table on the path is empty."""
+        table = self._node(self.root)
+        for shift in self._shifts:
+            child = table.get((key >> shift) & self._slot_mask, 0)
+            if not child:
+                return None
+            table = self._node(child)
+        return table
+
+    def contains(self, key: int) -> bool:
+        leaf = self._leaf(key)
+        bit = key & self._bit_mask
+        return leaf is not None and bool(leaf.get(bit >> 6, 0) >> (bit & 63) & 1)
+
+    def add(self, key: int) -> int:
+        """Set key, creating missing nodes top-down. 0, or -ENOMEM with the
+        tree and the free pages as they were (only the attempt count moved)."""
+        table = self._node(self.root)
+        fresh: list[int] = []
+        first_link: tuple[dict[int, int], int] | None = None
+        for shift in self._shifts:
+            slot = (key >> shift) & self._slot_mask
+            child = table.get(slot, 0)
+            if not child:
+                child = self.arena.alloc()
+                if child is None:
+                    # Unlinking the first new entry drops the whole new chain.
+                    if first_link is not None:
+                        del first_link[0][first_link[1]]
+                    for phys in fresh:
+                        self.arena.free(phys)
+                    return -ENOMEM
+                table[slot] = child
+                fresh.append(child)
+                first_link = first_link or (table, slot)
+            table = self._node(child)
+        bit = key & self._bit_mask
+        table[bit >> 6] = table.get(bit >> 6, 0) | (1 << (bit & 63))
+        return 0
+
+    def delete(self, key: int) -> bool:
+        """Clear key. False when a table on its path is empty (nothing to
+        clear). Nodes are never freed, even when left empty."""
+        leaf = self._leaf(key)
+        if leaf is None:
+            return False
+        bit = key & self._bit_mask
+        word = leaf.get(bit >> 6, 0) & ~(1 << (bit & 63))
+        if word:
+            leaf[bit >> 6] = word
+        else:
+            leaf.pop(bit >> 6, None)
+        return True
+
+    def nodes(self) -> Iterator[Visit]:
+        return traverse(self.root, self.geo, self.arena.words, strict=False)
