@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,19 +107,25 @@ def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, 
     cc = find_compiler(flavor)
     key = f"{source.digest()[:16]}-{_project_inputs_digest()}-ps{page_shift}-{flavor}"
     work = cache_dir() / "builds" / key
-    library = work / "libkho.so"
+    library = work / "libkho.so"  # its final place
     meta_path = work / "build.json"
     if library.exists() and meta_path.exists() and not force:
         meta = json.loads(meta_path.read_text())
         return Build(library=library, source=source, page_shift=page_shift, flavor=flavor, cached=True, **meta)
     start = time.monotonic()
-    work.mkdir(parents=True, exist_ok=True)
+    final = work
+    # Build aside and rename into place: parallel test workers and an
+    # interrupted build never leave a half-built library in the cache.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=final.parent))
     ex: Extraction = extract(source.root, work, page_shift, cc)
     gen = work / "gen"
     gen.mkdir(exist_ok=True)
     (gen / "kc_program.h").write_text(c_declarations())
     staged = work / "stage"
-    unit = staged / KHO_C.replace("kexec_handover.c", "kc_unit.c")
+    # The unit replaces the staged copy, so debug info and sanitizer reports
+    # name kernel/liveupdate/kexec_handover.c with the kernel's line numbers.
+    unit = staged / KHO_C
     unit.write_text(ex.unit)
     flags = [*_flags(flavor), f"-DKC_PAGE_SHIFT={page_shift}"]
     objs = []
@@ -133,12 +141,19 @@ def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, 
         obj = work / f"{name}.o"
         _run([cc, *flags, f"-I{libfdt}", "-w", "-c", str(libfdt / name), "-o", str(obj)], f"libfdt {name}")
         objs.append(obj)
-    link = [cc, "-shared", "-Wl,--no-undefined", *(_flags(flavor) if flavor != "plain" else []), "-o", str(library), *map(str, objs), "-ldl", "-lc"]
+    link = [cc, "-shared", "-Wl,--no-undefined", *(_flags(flavor) if flavor != "plain" else []), "-o", str(work / "libkho.so"),
+            *map(str, objs), "-ldl", "-lc"]
     _run(link, "the harness library")
     meta = {
         "compiler": cc, "api": ex.api, "compatible": ex.compatible, "doc_compatible": ex.doc_compatible,
         "unit_bytes": len(ex.unit.encode()), "kept": ex.kept, "dropped": ex.dropped,
         "seconds": round(time.monotonic() - start, 2),
     }
-    meta_path.write_text(json.dumps(meta, indent=1))
+    (work / "build.json").write_text(json.dumps(meta, indent=1))
+    try:
+        if force and final.exists():
+            shutil.rmtree(final)
+        os.rename(work, final)
+    except OSError:  # another process finished the same build first: use theirs
+        shutil.rmtree(work, ignore_errors=True)
     return Build(library=library, source=source, page_shift=page_shift, flavor=flavor, **meta)

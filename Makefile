@@ -1,0 +1,43 @@
+# kho-conform: set-up-and-go targets. `make check` and `make test` each set up
+# everything they need on a fresh Debian machine (apt packages, a venv with the
+# project, kernel sources in the cache) and then run.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+KERNELS ?= 7.1 7.2 7.3
+APT_PACKAGES := clang-16 libclang-rt-16-dev device-tree-compiler binutils patch xz-utils
+
+.PHONY: setup check test bench fuzz clean
+
+$(BIN)/kho-conform: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+.apt-stamp:
+	@if ! command -v clang-16 >/dev/null || ! dpkg -s libclang-rt-16-dev >/dev/null 2>&1 || ! command -v dtc >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(APT_PACKAGES); fi
+	touch $@
+
+setup: .apt-stamp $(BIN)/kho-conform
+	$(BIN)/kho-conform kernel fetch $(KERNELS)
+
+# The main job: the conformance matrix on the default kernel (7.2), page
+# shifts 12/14/16, plain and ASan+UBSan, with a short fuzz run; report in reports/.
+check: setup
+	$(BIN)/kho-conform check --kernel 7.2 --fuzz-time 20 --out reports
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+bench: setup
+	$(BIN)/kho-conform bench --kernel 7.2
+
+fuzz: setup
+	$(BIN)/kho-conform fuzz --kernel 7.2 --jobs 2 --time 600 fuzz-corpus
+
+clean:
+	rm -rf $(VENV) .apt-stamp reports build

@@ -1,0 +1,259 @@
+"""The ``kho-conform`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from .errors import KhoConformError
+
+console = Console(stderr=True)
+out = Console(soft_wrap=True)
+
+
+def _kernel_args(p: argparse.ArgumentParser, page_shift_default: int | None = 12) -> None:
+    g = p.add_argument_group("kernel source (one of)")
+    g.add_argument("--kernel", metavar="VERSION", help="Debian kernel source by version: 7.1, 7.2.13, 7.3 (default 7.2)")
+    g.add_argument("--kernel-tree", metavar="PATH", type=Path, help="a local kernel tree, used read-only")
+    g.add_argument("--kernel-tarball", metavar="PATH", type=Path, help="a kernel source tarball")
+    g.add_argument("--patch", metavar="FILE", type=Path, help="apply this patch to a scratch copy of the source first")
+    if page_shift_default is not None:
+        p.add_argument("--page-shift", type=int, choices=(12, 14, 16), default=page_shift_default, help="kernel PAGE_SHIFT (default %(default)s)")
+
+
+def _source(args: argparse.Namespace):
+    from .kernel_source import resolve
+
+    return resolve(args.kernel, args.kernel_tree, args.kernel_tarball, args.patch)
+
+
+def _reproduce_flags(args: argparse.Namespace) -> str:
+    parts = []
+    for flag in ("kernel", "kernel_tree", "kernel_tarball", "patch"):
+        value = getattr(args, flag, None)
+        if value:
+            parts.append(f"--{flag.replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
+def _target(args: argparse.Namespace, flavor: str = "plain"):
+    from .binding import ensure_process_for
+    from .build import build
+    from .diff import target_for
+
+    ensure_process_for(flavor)
+    return target_for(build(_source(args), args.page_shift, flavor))
+
+
+def cmd_kernel(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .kernel_source import fetch, list_available, list_cached
+
+    if args.action == "fetch":
+        for version in args.versions:
+            with console.status(f"fetching kernel {version}"):
+                src = fetch(version)
+            out.print(f"{src.version}  {src.provider}  {src.root}")
+        return 0
+    table = Table(title="kernel sources")
+    table.add_column("series")
+    table.add_column("cached")
+    table.add_column("on the mirror")
+    cached: dict[str, list[str]] = {}
+    for src in list_cached():
+        cached.setdefault(".".join(src.version.split(".")[:2]), []).append(f"{src.version} ({src.provider})")
+    try:
+        available = list_available()
+    except KhoConformError as e:
+        console.print(f"[yellow]mirror: {e}[/]")
+        available = {}
+    for series in sorted(cached.keys() | available.keys()):
+        table.add_row(series, "\n".join(cached.get(series, [])) or "-", ", ".join(available.get(series, [])) or "-")
+    out.print(table)
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import build
+
+    src = _source(args)
+    with console.status(f"building {src.version} ps{args.page_shift} {args.flavor}"):
+        b = build(src, args.page_shift, args.flavor, force=args.force)
+    out.print(str(b.library))
+    info = {**b.identity(), "api": b.api, "compatible": b.compatible, "unit_bytes": b.unit_bytes,
+            "build_seconds": b.seconds, "cached": b.cached, "kept": len(b.kept), "dropped": b.dropped}
+    out.print_json(json.dumps(info))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .check import Plan, run_check
+    from .kernel_source import resolve
+    from .report import exit_status, summary_table, write_report
+
+    if "asan" in args.flavor:
+        from .binding import ensure_process_for
+
+        ensure_process_for("asan")
+    if args.kernel_tree or args.kernel_tarball:
+        sources = [resolve(None, args.kernel_tree, args.kernel_tarball, args.patch)]
+    else:
+        sources = [resolve(k, None, None, args.patch) for k in (args.kernel or ["7.2"])]
+    plan = Plan(sources=sources, page_shifts=tuple(args.page_shift), flavors=tuple(args.flavor), examples=args.examples,
+                fuzz_seconds=args.fuzz_time, crashes_dir=args.crashes, work_dir=args.out / "fuzz",
+                reproduce_flags=" ".join(f"--kernel {s.version}" for s in sources[:1]) if not (args.kernel_tree or args.kernel_tarball) else _reproduce_flags(args))
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("check", total=None)
+        report = run_check(plan, args.out, progress=lambda s: bar.update(task, description=s))
+    paths = write_report(report, args.out)
+    out.print(summary_table(report))
+    for kind, path in paths.items():
+        out.print(f"{kind:9} {path}")
+    return exit_status(report)
+
+
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    from fuzz.runner import run_fuzz
+
+    stats = run_fuzz(source=_source(args), page_shift=args.page_shift, corpus_dir=args.corpus, jobs=args.jobs,
+                     seconds=args.time, crashes_dir=args.crashes, live=True)
+    out.print(f"{stats.execs} execs, {stats.exec_per_s:.0f} exec/s, coverage {stats.coverage}, corpus {stats.corpus}, "
+              f"{len(stats.new_findings)} new findings")
+    for path in stats.new_findings:
+        out.print(f"  kho-conform replay {path}")
+    return 0
+
+
+def _finding_defaults(args: argparse.Namespace) -> None:
+    """A saved finding names its kernel and page shift: use them unless told otherwise."""
+    path = args.file if args.file.is_dir() else args.file.parent
+    meta = path / "finding.json"
+    if meta.exists() and not (args.kernel or args.kernel_tree or args.kernel_tarball):
+        data = json.loads(meta.read_text())
+        args.kernel = data.get("kernel_version") or data.get("version")
+        if args.page_shift is None:
+            args.page_shift = data.get("page_shift", 12)
+    if args.page_shift is None:
+        args.page_shift = 12
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from fuzz.minimize import replay
+
+    if not args.file.exists():
+        raise KhoConformError(f"{args.file}: no such file; give a program text, a finding directory or a fuzzer input")
+    _finding_defaults(args)
+    text, diverged = replay(args.file, _target(args), as_json=args.json)
+    out.print(text, markup=False, highlight=False)
+    return 1 if diverged else 0
+
+
+def cmd_minimize(args: argparse.Namespace) -> int:
+    from fuzz.minimize import minimize_file
+
+    if not args.file.exists():
+        raise KhoConformError(f"{args.file}: no such file")
+    _finding_defaults(args)
+    path = minimize_file(args.file, _target(args), args.out)
+    out.print(str(path))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import exit_status, load_report, summary_table, write_report
+
+    report = load_report(args.source)
+    for kind, path in write_report(report, args.out).items():
+        out.print(f"{kind:9} {path}")
+    out.print(summary_table(report))
+    return exit_status(report)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    run_bench(_source(args), args.page_shift, quick=args.quick, console=out)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kho-conform", description="Differential conformance and fuzzing for the Linux KHO radix tree.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    k = sub.add_parser("kernel", help="fetch kernel sources into the cache, or list them")
+    k.add_argument("action", choices=("fetch", "list"))
+    k.add_argument("versions", nargs="*", default=["7.2"], help="versions to fetch (default 7.2)")
+    k.set_defaults(fn=cmd_kernel)
+
+    b = sub.add_parser("build", help="build the kernel's KHO code as a userspace library; print its path and source identity")
+    _kernel_args(b)
+    b.add_argument("--flavor", choices=("plain", "asan", "fuzz"), default="plain")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.set_defaults(fn=cmd_build)
+
+    c = sub.add_parser("check", help="the conformance matrix: kernels x page shifts x flavors, with a report")
+    c.add_argument("--kernel", action="append", metavar="VERSION", help="kernel version; repeat for several (default 7.2)")
+    c.add_argument("--kernel-tree", type=Path, metavar="PATH")
+    c.add_argument("--kernel-tarball", type=Path, metavar="PATH")
+    c.add_argument("--patch", type=Path, metavar="FILE")
+    c.add_argument("--page-shift", type=int, nargs="+", choices=(12, 14, 16), default=[12, 14, 16])
+    c.add_argument("--flavor", nargs="+", choices=("plain", "asan"), default=["plain", "asan"])
+    c.add_argument("--examples", type=int, default=30, help="stateful examples per cell (default %(default)s)")
+    c.add_argument("--fuzz-time", type=int, default=20, metavar="SECONDS", help="fuzzing per kernel and page shift (default %(default)s; 0: none)")
+    c.add_argument("--crashes", type=Path, default=Path("corpus/crashes"), help="where new findings are saved")
+    c.add_argument("--out", type=Path, default=Path("reports"))
+    c.set_defaults(fn=cmd_check)
+
+    f = sub.add_parser("fuzz", help="fuzz continuously with libFuzzer's fork mode; resumable corpus; live stats")
+    _kernel_args(f)
+    f.add_argument("--jobs", type=int, default=1)
+    f.add_argument("--time", type=int, default=60, metavar="SECONDS")
+    f.add_argument("--crashes", type=Path, default=Path("corpus/crashes"))
+    f.add_argument("corpus", type=Path, metavar="CORPUS_DIR")
+    f.set_defaults(fn=cmd_fuzz)
+
+    r = sub.add_parser("replay", help="reproduce a finding or run a hand-written program, printing its trace")
+    _kernel_args(r, page_shift_default=None)
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.add_argument("file", type=Path, metavar="FILE")
+    r.set_defaults(fn=cmd_replay)
+
+    m = sub.add_parser("minimize", help="minimize a diverging program, keeping its divergence signature")
+    _kernel_args(m, page_shift_default=None)
+    m.add_argument("--out", type=Path)
+    m.add_argument("file", type=Path, metavar="FILE")
+    m.set_defaults(fn=cmd_minimize)
+
+    rep = sub.add_parser("report", help="re-render a report from its report.json")
+    rep.add_argument("source", type=Path, metavar="REPORT_JSON")
+    rep.add_argument("--out", type=Path, default=Path("reports"))
+    rep.set_defaults(fn=cmd_report)
+
+    be = sub.add_parser("bench", help="executions per second and memory of the harness, the model and the differential run")
+    _kernel_args(be)
+    be.add_argument("--quick", action="store_true", help="fewer iterations")
+    be.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KhoConformError as e:
+        console.print(f"[bold red]kho-conform: error:[/] {e}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("kho-conform: interrupted; saved findings and corpus are kept")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
