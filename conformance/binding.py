@@ -164,7 +164,7 @@ class Harness:
 
         boot_rc, boot_warn = 0, []
         ops: list[list] = [[NOT_RUN, 0, 0, []] for _ in range(nsteps)]
-        events, log = [], []
+        events, event_ops, log = [], [], []
         state = None
         kexec_at = 0 if foreign else None
         nxt = {"walk": [], "walk_nodes": [], "reserved": [], "noinit": [], "scratch_marks": [], "magic": [], "phantom": []}
@@ -179,6 +179,7 @@ class Harness:
                 log.append(string(a))
             elif kind == REC_EVENT:
                 events.append(symbolize(string(a)))
+                event_ops.append(None if op == OP_BOOT else op)
             elif kind == REC_STATE:
                 state = (a, b)
                 if kexec_at is None and op != OP_BOOT and op < nsteps:
@@ -208,7 +209,7 @@ class Harness:
             fields = self._old_state(header, *state)
         return Outcome(
             boot=OpResult(boot_rc, 0, 0, tuple(boot_warn)), ops=results, next=next_kernel,
-            events=tuple(events), log=tuple(log), **fields,
+            events=tuple(events), event_ops=tuple(event_ops), log=tuple(log), **fields,
         )
 
     def _old_state(self, header: Header, root_phys: int, fdt_phys: int) -> dict:

@@ -179,7 +179,7 @@ def _diff(program: Program, exp: Outcome, act: Outcome, target: Target) -> list[
             continue
         break  # later ops usually differ because of this one: keep the first
     if act.events:
-        add("events", _first_not_run(act), "event", (), act.events[0])
+        add("events", act.event_ops[0], "event", (), act.events[0])
         if any(r.rc == NOT_RUN for r in act.ops) or act.image is None:
             return out  # the kernel run was cut short: its state is not an answer
     ev, av = _old_view(exp), _old_view(act)
@@ -198,13 +198,6 @@ def _diff(program: Program, exp: Outcome, act: Outcome, target: Target) -> list[
                 add("next", kexec, key, e, a)
                 break
     return out
-
-
-def _first_not_run(o: Outcome) -> int | None:
-    for i, r in enumerate(o.ops):
-        if r.rc == NOT_RUN:
-            return max(i - 1, 0)
-    return len(o.ops) - 1 if o.ops else None
 
 
 def _first_difference(name: str, exp: Outcome, act: Outcome) -> tuple[tuple[str, object], object]:
@@ -262,8 +255,9 @@ def _cross_handover(program: Program, exp: Outcome, act: Outcome, target: Target
     c = target.harness.restore(exp.image, h, steps)
     out += _next_diff("handover:model-image", program, k, exp.next, exp.ops[k:], c.next, list(c.ops), swap=False)
     if c.events:
-        step = program.steps[k]
-        out.append(Divergence("handover:model-image", k, step.text(), "event", "()", _short(c.events[0]),
+        at = k + (c.event_ops[0] or 0)  # the foreign run's op 0 is the kexec
+        step = program.steps[at]
+        out.append(Divergence("handover:model-image", at, step.text(), "event", "()", _short(c.events[0]),
                               _signature("events", "event", step, (), c.events[0])))
     return out
 

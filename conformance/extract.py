@@ -9,9 +9,11 @@ Steps (DESIGN.md, "Extraction and shims"):
 3. split the unit into top-level items, parse each with pycparser (an item
    that does not parse is dropped unless something needed lives in it);
 4. keep every header item and, of the KHO C file, the closure of what the
-   harness's entry points reach;
-5. emit the items (with line markers, so diagnostics name the kernel's lines),
-   a table of the file's globals for per-program reset, and the harness.
+   harness's entry points reach (and its static_asserts);
+5. emit the kernel file itself with the lines of unreached items emptied (so
+   line numbers in diagnostics and sanitizer reports stay the kernel's),
+   then a table of the file's globals for per-program reset, then the
+   harness, which is compiled inside the same unit.
 
 The API generation (page or key API, early memory init) is detected from what
 the tree defines, never from its version string.

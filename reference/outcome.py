@@ -89,6 +89,7 @@ class Outcome:
     next: NextKernel | None = None
     # Sanitizer reports, faults, accesses outside the arena: each is a finding.
     events: tuple[str, ...] = ()
+    event_ops: tuple[int | None, ...] = ()  # the op each event happened in (None: boot)
     log: tuple[str, ...] = ()  # printk, for traces only
 
     def to_json(self) -> dict:
