@@ -17,8 +17,8 @@ crash. Within the page the model follows libfdt's C integer semantics (32-bit
 unsigned header arithmetic, signed ``int`` offsets and sizes).
 
 Observed layout facts this model relies on (each checked by the tests):
-- fdt_create zeroes the buffer and leaves the header at 48 bytes (40 rounded
-  up to a 16-byte reservation entry); fdt_pack/open_into move it to 40;
+- fdt_create zeroes the buffer and starts the reservation map at 48 (the
+  40-byte header rounded up to a 16-byte entry); fdt_pack moves it to 40;
 - sequential-write strings grow downwards from the end of the buffer and are
   copied (not moved: the old copy stays) behind the structure by fdt_finish;
 - a new subnode becomes the first child, a new property the *first* property
@@ -143,9 +143,6 @@ class Fdt:
             return max(lo, n)
         return i
 
-    def _cstring(self, off: int) -> bytes:
-        return self._read(off, self._find0(off, off + len(self.buf) + 1) - off)
-
     def totalsize(self) -> int:
         return self._u32(TOTALSIZE)
 
@@ -154,7 +151,7 @@ class Fdt:
         """fdt_check_header: magic, version window, and every block inside
         totalsize. (libfdt also rejects a buffer not 8-byte aligned; a page
         always is.)"""
-        h = [self._u32(o) for o in range(0, 40, 4)]
+        h = self._header()
         if h[0] != FDT_MAGIC:
             return -FDT_ERR_BADMAGIC
         ver, comp, total = h[5], h[6], h[1]
@@ -186,6 +183,8 @@ class Fdt:
         return total if total < INT_MAX else -FDT_ERR_TRUNCATED
 
     def _misordered(self, rsv_size: int, struct_size: int) -> bool:
+        """Whether the blocks are not laid out header, reservation map,
+        structure, strings (gaps allowed), in 32-bit unsigned arithmetic."""
         rsv, st, strs = self._u32(OFF_MEM_RSVMAP), self._u32(OFF_DT_STRUCT), self._u32(OFF_DT_STRINGS)
         return (rsv < HEADER_SIZE or st < (rsv + rsv_size) & U32
                 or strs < (st + struct_size) & U32
@@ -201,10 +200,12 @@ class Fdt:
             return -FDT_ERR_BADVERSION
         if self._misordered(RSV_ENTRY, self._u32(SIZE_DT_STRUCT)):
             return -FDT_ERR_BADLAYOUT
-        self._w32(VERSION, 17)
+        self._w32(VERSION, 17)  # a newer version is lowered to 17
         return 0
 
     def _num_mem_rsv(self) -> int:
+        """Reservation entries before the zero-size terminator. With
+        totalsize below one entry libfdt has no bound and scans on."""
         rsv, total = self._u32(OFF_MEM_RSVMAP), self.totalsize()
         i = 0
         while True:
@@ -288,7 +289,8 @@ class Fdt:
         err = err if err < 0 else self._check_tag(off, FDT_BEGIN_NODE)
         if err < 0:
             return err
-        name = self._cstring(self._u32(OFF_DT_STRUCT) + off + 4)
+        start = self._u32(OFF_DT_STRUCT) + off + 4  # NUL-ended: checked above
+        name = self._read(start, self._find0(start, start + len(self.buf) + 1) - start)
         if self._u32(VERSION) < 16:  # pre-v16 nodes hold full paths
             if b"/" not in name:
                 return -FDT_ERR_BADSTRUCTURE
@@ -344,16 +346,22 @@ class Fdt:
         return off, off
 
     # -- read-only API -----------------------------------------------------
+    def _prop_value(self, node: int, name: str | bytes) -> tuple[int, int]:
+        """fdt_getprop's lookup: (buffer position of the value, length), or
+        (-1, error)."""
+        off, n = self._find_prop(node, _cstr(name))
+        if off < 0:
+            return -1, n
+        pos = self._u32(OFF_DT_STRUCT) + off + 12
+        if self._u32(VERSION) < 16 and (off + 12) % 8 and n >= 8:
+            pos += 4  # pre-v16 values of 8 bytes or more start 8-aligned
+        return pos, n
+
     def getprop(self, node: int, name: str | bytes) -> tuple[bytes | None, int]:
         """fdt_getprop: (value, length) or (None, error). A value running past
         the buffer is cut at its end (``length`` still says what C saw)."""
-        off, n = self._find_prop(node, _cstr(name))
-        if off < 0:
-            return None, n
-        data = self._u32(OFF_DT_STRUCT) + off + 12
-        if self._u32(VERSION) < 16 and (off + 12) % 8 and n >= 8:
-            data += 4
-        return bytes(self.buf[slice(*self._span(data, n))]), n
+        pos, n = self._prop_value(node, name)
+        return (None, n) if pos < 0 else (bytes(self.buf[slice(*self._span(pos, n))]), n)
 
     def first_subnode(self, node: int) -> int:
         off, depth = self._next_node(node, 0)
@@ -397,11 +405,10 @@ class Fdt:
         """0 if the "compatible" string list holds ``compatible``, 1 if not,
         the getprop error if there is no such property. Like libfdt, each
         comparison reads one byte past the entry, possibly past the value."""
-        off, n = self._find_prop(node, _cstr(PROP_COMPATIBLE))
-        if off < 0:
+        pos, n = self._prop_value(node, PROP_COMPATIBLE)
+        if pos < 0:
             return n
         want = _cstr(compatible) + b"\0"
-        pos = self._u32(OFF_DT_STRUCT) + off + 12
         while n >= len(want) - 1:
             if self._read(pos, len(want)) == want:
                 return 0
@@ -464,28 +471,28 @@ class Fdt:
                 return st
         else:
             return -FDT_ERR_BADVERSION
-        if not self._misordered(rsv, st):
+        if not self._misordered(rsv, st):  # in order: only the header changes
             if bufsize < 0 or total > bufsize:
                 return -FDT_ERR_NOSPACE
-        else:
-            strings = self._u32(SIZE_DT_STRINGS)
-            newsize = _s32(HEADER_SIZE + rsv + st + strings)
-            if bufsize < newsize:
+            self._w32(VERSION, 17)
+            self._w32(SIZE_DT_STRUCT, st)
+            self._w32(TOTALSIZE, bufsize)
+            return 0
+        strings = self._u32(SIZE_DT_STRINGS)
+        newsize = _s32(HEADER_SIZE + rsv + st + strings)
+        if bufsize < newsize:
+            return -FDT_ERR_NOSPACE
+        tmp = 0
+        if newsize > 0 and total > 0:  # would overlap the old tree: build behind it
+            tmp = total
+            if tmp + newsize > bufsize:
                 return -FDT_ERR_NOSPACE
-            tmp = 0
-            if newsize > 0 and total > 0:  # would overlap: build behind the tree
-                tmp = total
-                if tmp + newsize > bufsize:
-                    return -FDT_ERR_NOSPACE
-            self._packblocks(tmp, rsv, st, strings)
-            self._memmove(0, tmp, newsize)
-            self._w32(MAGIC, FDT_MAGIC)
-            self._w32(LAST_COMP_VERSION, 16)
-            # boot_cpuid_phys is copied from the old header, which *is* the
-            # new one once moved in place: a no-op.
-        self._w32(VERSION, 17)
-        self._w32(SIZE_DT_STRUCT, st)
-        self._w32(TOTALSIZE, bufsize)
+        self._packblocks(tmp, rsv, st, strings)
+        self._memmove(0, tmp, newsize)
+        # boot_cpuid_phys is also copied from the old header, which *is* the
+        # new one after the move: a no-op.
+        for field, v in ((MAGIC, FDT_MAGIC), (TOTALSIZE, bufsize), (VERSION, 17), (LAST_COMP_VERSION, 16)):
+            self._w32(field, v)
         return 0
 
     def _packblocks(self, new: int, rsv: int, st: int, strings: int) -> None:
@@ -587,22 +594,28 @@ class Fdt:
         return self._splice_struct(self._u32(OFF_DT_STRUCT) + node, end - node, 0)
 
     # -- sequential-write API (building the root FDT) ------------------------
-    def _sw_probe(self, in_struct: bool) -> int:
+    # While building, the magic is FDT_SW_MAGIC, off_dt_strings is 0 until
+    # the reservation map is finished and then equals totalsize, and the
+    # strings grow down from the end of the buffer.
+    def _sw_probe(self, in_struct: bool = True) -> int:
         magic = self._u32(MAGIC)
         if magic != FDT_SW_MAGIC:
             return -FDT_ERR_BADSTATE if magic == FDT_MAGIC else -FDT_ERR_BADMAGIC
-        strings = self._u32(OFF_DT_STRINGS)  # 0 while in the reservation map
-        ok = strings == self.totalsize() if in_struct else strings == 0
-        return 0 if ok else -FDT_ERR_BADSTATE
+        strings = self._u32(OFF_DT_STRINGS)
+        return 0 if strings == (self.totalsize() if in_struct else 0) else -FDT_ERR_BADSTATE
 
-    def _grab(self, n: int) -> int:
-        """Reserve ``n`` structure bytes; their absolute offset, or -1."""
-        used = self._u32(SIZE_DT_STRUCT)
-        room = (self.totalsize() - self._u32(OFF_DT_STRUCT) - self._u32(SIZE_DT_STRINGS)) & U32
-        if used + n > room:
-            return -1
-        self._w32(SIZE_DT_STRUCT, used + n)
-        return self._u32(OFF_DT_STRUCT) + used
+    def _sw_append(self, data: bytes) -> int:
+        """Append ``data`` to the structure block if it fits below the
+        strings."""
+        err = self._sw_probe()
+        if err:
+            return err
+        used, base = self._u32(SIZE_DT_STRUCT), self._u32(OFF_DT_STRUCT)
+        if used + len(data) > (self.totalsize() - base - self._u32(SIZE_DT_STRINGS)) & U32:
+            return -FDT_ERR_NOSPACE
+        self._w32(SIZE_DT_STRUCT, used + len(data))
+        self._write(base + used, data)
+        return 0
 
     def create(self) -> int:
         """fdt_create over the whole buffer: zero it, write a
@@ -629,44 +642,34 @@ class Fdt:
         return 0
 
     def begin_node(self, name: str | bytes) -> int:
-        name = _cstr(name) + b"\0"
-        err = self._sw_probe(True)
-        pos = self._grab(4 + _align4(len(name))) if not err else -1
-        if pos >= 0:
-            self._write(pos, struct.pack(">I", FDT_BEGIN_NODE) + name)
-        return err or (0 if pos >= 0 else -FDT_ERR_NOSPACE)
+        name = _cstr(name)
+        return self._sw_append(struct.pack(">I", FDT_BEGIN_NODE) + name.ljust(_align4(len(name) + 1), b"\0"))
 
     def end_node(self) -> int:
-        err = self._sw_probe(True)
-        pos = self._grab(4) if not err else -1
-        if pos >= 0:
-            self._w32(pos, FDT_END_NODE)
-        return err or (0 if pos >= 0 else -FDT_ERR_NOSPACE)
+        return self._sw_append(struct.pack(">I", FDT_END_NODE))
 
     def property(self, name: str | bytes, value: bytes) -> int:
-        """fdt_property. Names live at the end of the buffer, newest lowest,
-        with negative offsets until fdt_finish; existing ones are reused."""
+        """fdt_property. Names are stored newest lowest, at negative offsets
+        from the end of the buffer until fdt_finish; existing ones (or a
+        suffix of one) are reused."""
         name = _cstr(name) + b"\0"
-        err = self._sw_probe(True)
+        err = self._sw_probe()
         if err:
             return err
         end, size = self.totalsize(), self._u32(SIZE_DT_STRINGS)
         hit = self.buf.find(name, max(end - size, 0), end)
-        nameoff, appended = hit - end, False
+        nameoff = hit - end if hit >= 0 else -(size + len(name))
         if hit < 0:
-            nameoff, appended = -(size + len(name)), True
-            top = self._u32(OFF_DT_STRUCT) + self._u32(SIZE_DT_STRUCT)
-            if (end + nameoff) & U32 < top:
+            if (end + nameoff) & U32 < self._u32(OFF_DT_STRUCT) + self._u32(SIZE_DT_STRUCT):
                 return -FDT_ERR_NOSPACE
             self._write(end + nameoff, name)
             self._w32(SIZE_DT_STRINGS, size + len(name))
-        pos = self._grab(12 + _align4(len(value)))
-        if pos < 0:
-            if appended:
-                self._w32(SIZE_DT_STRINGS, size)
-            return -FDT_ERR_NOSPACE
-        self._write(pos, struct.pack(">III", FDT_PROP, len(value), nameoff & U32) + bytes(value))
-        return 0
+        value = bytes(value)
+        err = self._sw_append(struct.pack(">III", FDT_PROP, len(value), nameoff & U32)
+                              + value.ljust(_align4(len(value)), b"\0"))
+        if err:
+            self._w32(SIZE_DT_STRINGS, size)  # drop the name if it was new
+        return err
 
     def property_string(self, name: str | bytes, value: str) -> int:
         return self.property(name, value.encode() + b"\0")
@@ -674,13 +677,9 @@ class Fdt:
     def finish(self) -> int:
         """fdt_finish: end the structure, copy the strings behind it, turn the
         negative name offsets into real ones and seal the header."""
-        err = self._sw_probe(True)
+        err = self._sw_append(struct.pack(">I", FDT_END))
         if err:
             return err
-        pos = self._grab(4)
-        if pos < 0:
-            return -FDT_ERR_NOSPACE
-        self._w32(pos, FDT_END)
         size = self._u32(SIZE_DT_STRINGS)
         new = self._u32(OFF_DT_STRUCT) + self._u32(SIZE_DT_STRUCT)
         self._memmove(new, self.totalsize() - size, size)

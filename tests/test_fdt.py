@@ -9,6 +9,7 @@ on memory outside the page and is not compared.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import struct
 import subprocess
@@ -146,11 +147,15 @@ def test_root_fdt(page: int, compat: str) -> None:
     parses(bytes(m.buf[: m.totalsize()]))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(page=st.sampled_from((4096, 4096, 16384)), ops=OPS)
-def test_add_remove_sequences(page: int, ops: list[tuple]) -> None:
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(page=st.sampled_from((4096, 4096, 16384, 65536)), fill=st.integers(0, 90), step=st.integers(1, 60),
+       ops=OPS)
+def test_add_remove_sequences(page: int, fill: int, step: int, ops: list[tuple]) -> None:
+    """Random adds and removes, after ``fill`` adds of distinct names of
+    assorted widths: enough to run a 4 KiB page out of room."""
     m, c = kho_root_fdt(page, "kho-v4", 7), c_root(page, "kho-v4", 7)
-    for op in ops:
+    fill_ops = [("add", f"{i}".rjust(i * step % 61, "f"), i % 8, i) for i in range(fill)]
+    for op in fill_ops + ops:
         if op[0] == "add":
             rc, where = c_add(c, page, *op[1:])
             assert kho_add_subtree(m, page, *op[1:]) == rc, op
@@ -198,6 +203,7 @@ def test_generic_setprop_and_names() -> None:
     st.tuples(st.integers(0, 39) | st.integers(0, 511) | st.integers(0, 4095), st.integers(0, 255)),
     min_size=1, max_size=4), cut=st.none() | st.integers(0, 600), cut_totalsize=st.booleans())
 def test_readers_on_corrupt_buffers(names, pokes, cut, cut_totalsize) -> None:
+    """Byte changes and truncation: every reader returns what libfdt does."""
     m, c = build(4096, names)
     for off, v in pokes:
         c[off] = v
@@ -219,6 +225,7 @@ def test_readers_on_corrupt_buffers(names, pokes, cut, cut_totalsize) -> None:
     [0, 1, 2, 3, 15, 16, 17, 18, 27, 28, 32, 35, 36, 39, 40, 41, 48, 56, 0x7FFFFFFF, 0x80000000, 2**32 - 1])
     | st.integers(0, 400)), min_size=1, max_size=4))
 def test_check_header_fields(fields) -> None:
+    """Header fields set to boundary values: the same verdict as libfdt."""
     m, c = build(4096, ["foo"])
     for i, v in fields:
         struct.pack_into(">I", c, 4 * i, v)
@@ -253,10 +260,34 @@ def test_writers_after_poke(names, pokes, ops) -> None:
     event("stopped: out of bounds" if m.out_of_bounds else "compared")
 
 
+@pytest.mark.parametrize("version", range(21))
+def test_header_versions(version: int) -> None:
+    """Older layouts (v1-v16 header sizes, pre-v16 realigned values and
+    full-path names, the v16 structure-size walk in open_into) for readers
+    and for a following add/remove."""
+    for comp, size_dt_struct in itertools.product((0, 2, 16, 17, 18), (None, 0, 5000)):
+        m, c = build(4096, ["foo@1", "bar", "n" * 20])
+        for model_or_c in (m.buf, c):
+            struct.pack_into(">II", model_or_c, 20, version, comp)
+            if size_dt_struct is not None:
+                struct.pack_into(">I", model_or_c, 36, size_dt_struct)
+        got = m_readers(Fdt(bytearray(c)), ["foo", "bar", "x"])
+        assert got == c_readers(c + bytes(PAD), ["foo", "bar", "x"])
+        c += bytes(PAD)
+        rc = kho_add_subtree(m, 4096, "new", 9, 9)
+        assert not m.out_of_bounds and c_add(c, 4096, "new", 9, 9)[0] == rc and m.buf == c[:4096]
+        kho_remove_subtree(m, 4096, 0)
+        c_remove(c, 4096, 0)
+        assert not m.out_of_bounds and m.buf == c[:4096]
+
+
 def test_short_buffers_never_raise() -> None:
+    """A buffer shorter than its totalsize (C would read past it: not
+    compared) never makes a reader raise, and is reported as such."""
     m, _ = build(4096, ["foo", "bar@2", ""])
     full = bytes(m.buf[: m.totalsize()])
     for n in range(len(full) + 1):
         fdt = Fdt(full[:n])
         m_readers(fdt, ["foo", "bar", ""])
-        assert fdt.out_of_bounds == (n < len(full)) or 40 <= n < len(full)
+        assert fdt.out_of_bounds or n >= F.HEADER_SIZE
+    assert not fdt.out_of_bounds
