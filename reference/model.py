@@ -93,7 +93,7 @@ class OldKernel:
         self.fdt: Fdt | None = None
         self.fdt_phys = 0
         # New-kernel ops run here see a kernel that received no handover.
-        self.no_handover = NewKernel(header, accepted=False, magic={}, fdt=None)
+        self.no_handover = NewKernel(header, accepted=False, magic={}, fdt=None, booted=False)
 
     def boot(self) -> OpResult:
         """KHO init. On failure KHO stays disabled; what was allocated no
@@ -220,9 +220,10 @@ class OldKernel:
 class NewKernel:
     """A kernel after boot: the restore side of KHO."""
 
-    def __init__(self, header: Header, accepted: bool, magic: dict[int, int], fdt: Fdt | None) -> None:
+    def __init__(self, header: Header, accepted: bool, magic: dict[int, int], fdt: Fdt | None, booted: bool = True) -> None:
         self.header = header
         self.accepted = accepted
+        self.booted = booted  # False: restore ops issued where no next kernel runs
         self.magic = magic  # pfn -> order of head pages still carrying the KHO magic
         self.fdt = fdt
         self.warned = False
@@ -236,13 +237,14 @@ class NewKernel:
             return self._retrieve(step.name)
         return UNSUPPORTED  # old-kernel ops and a second kexec: no KHO state here
 
-    def _bad_head(self, pfn: int) -> OpResult:
-        """NULL; the magic check warns once per kernel, and only on RAM of an
-        accepted handover."""
-        if self.accepted and self.header.is_ram(pfn) and not self.warned:
+    def _bad_head(self, pfn: int, restored: int = 0) -> OpResult:
+        """NULL; the magic check on a RAM page warns once per kernel, whether
+        or not the handover was accepted (a restore after a refused handover
+        is the caller's mistake, and worth a warning)."""
+        if self.booted and self.header.is_ram(pfn) and not self.warned:
             self.warned = True
-            return OpResult(NULL, warnings=(WARN_BAD_MAGIC,))
-        return OpResult(NULL)
+            return OpResult(NULL, 0, restored, warnings=(WARN_BAD_MAGIC,))
+        return OpResult(NULL, 0, restored)
 
     def _restore_folio(self, phys: int) -> OpResult:
         pfn = phys >> self.header.page_shift
@@ -261,12 +263,14 @@ class NewKernel:
         if nr_pages > RESTORE_PAGE_LIMIT:
             return OpResult(RESTORE_SKIPPED)
         pfn = phys >> self.header.page_shift
+        restored = 0  # pages handed to the managed count before a failure
         for start, order in page_chunks(pfn, nr_pages, self.header):
             if not self.accepted or not self.header.is_ram(start) or start not in self.magic:
-                return self._bad_head(start)
+                return self._bad_head(start, restored)
             if self.magic[start] != order:
-                return OpResult(NULL)
+                return OpResult(NULL, 0, restored)
             del self.magic[start]
+            restored += 1 << order
         return OpResult(0, pfn, nr_pages)
 
     def _retrieve(self, name: str) -> OpResult:

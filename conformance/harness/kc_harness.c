@@ -305,15 +305,16 @@ static void kc_step(struct kc_run *run, const struct kc_step *s)
 		break;
 	case KC_RESTORE_FOLIO:
 	case KC_RESTORE_PAGES:
+		/* before kexec there is no next kernel: nothing to restore from */
 		if (run->next)
 			kc_restore_op(s);
 		else
-			kc_op_result(-EOPNOTSUPP, 0, 0);
+			kc_op_result(-1, 0, 0);
 		break;
 	case KC_RETRIEVE_SUBTREE: {
 		phys_addr_t phys = 0;
 		size_t size = 0;
-		int rc = run->next ? kho_retrieve_subtree(s->name, &phys, &size) : -EOPNOTSUPP;
+		int rc = run->next ? kho_retrieve_subtree(s->name, &phys, &size) : -ENOENT;
 
 		kc_op_result(rc, phys, size);
 		break;
