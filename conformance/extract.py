@@ -89,6 +89,7 @@ ENTRY_POINTS = (
 )
 
 _GNU_NOISE = re.compile(r"\b(__extension__|__inline__|__inline|__restrict__|__restrict)\b")
+_TYPEOF = re.compile(r"\b__typeof__\s*\((?:[^()]|\([^()]*\))*\)")
 _LINE_MARKER = re.compile(r'^# (\d+) "([^"]*)"')
 
 
@@ -225,7 +226,8 @@ def _strip_gnu(text: str) -> str:
             if depth == 0:
                 break
         i = j
-    return _GNU_NOISE.sub("", "".join(out))
+    # typeof only names a type here: any type parses the same
+    return _TYPEOF.sub("int", _GNU_NOISE.sub("", "".join(out)))
 
 
 class _Refs(c_ast.NodeVisitor):

@@ -348,8 +348,10 @@ static void kc_run_steps(void *arg)
 		kc_cur_op = i;
 		kc_step(run, &run->steps[i]);
 	}
-	if (!run->next && run->enabled)
+	if (!run->next && run->enabled) {
+		kc_cur_op = KC_OP_BOOT; /* the end state, not a kexec */
 		kc_record_state();
+	}
 }
 
 /*

@@ -96,8 +96,8 @@ typedef s64 int64_t;
 #define min_t(t, x, y) ((t)(x) < (t)(y) ? (t)(x) : (t)(y))
 #define max_t(t, x, y) ((t)(x) > (t)(y) ? (t)(x) : (t)(y))
 #define DIV_ROUND_UP(n, d) (((n) + (d) - 1) / (d))
-/* power-of-two y only, as in the kernel; written without typeof for pycparser */
-#define round_up(x, y) ((((x) - 1) | ((y) - 1)) + 1)
+/* power-of-two y only, as in the kernel */
+#define round_up(x, y) ((((x) - 1) | ((__typeof__(x))((y) - 1))) + 1)
 #define SZ_1K 0x400
 #define SZ_64K 0x10000
 #define SZ_1M 0x100000

@@ -25,13 +25,19 @@
 #endif
 #define PG_SIZE (1UL << KC_PAGE_SHIFT)
 /* Physical addresses [0, DIRECT_MAP_BYTES) have a virtual address; only the
- * arena is backed, the rest faults and is reported. */
+ * arena is backed, the rest faults and is reported. Pages above it get one of
+ * HIGH_SLOTS inaccessible trap pages, so that any address stays a number the
+ * kernel can store and read back, and never reaches host memory. */
 #define DIRECT_MAP_BYTES (1ULL << 40)
+#define HIGH_SLOTS 4096
 #define KHO_PAGE_MAGIC 0x4b484f50U
 #define WARN_SITES 4096
 #define CPU_BUDGET_SECONDS 1
 
 unsigned long kc_page_offset;
+static unsigned char *high_map;
+static unsigned long long high_phys[HIGH_SLOTS];
+static unsigned int high_used;
 unsigned int kc_cur_op;
 
 static unsigned char *direct_map;
@@ -80,20 +86,73 @@ void kc_record(unsigned int kind, unsigned long long a, unsigned long long b, un
 	recs[nrecs++] = (struct kc_rec){ kind, kc_cur_op, a, b, c };
 }
 
-static unsigned long long text_vadd(const char *fmt, va_list ap)
+static void text_append(const char *buf, size_t n)
 {
-	char buf[512];
-	int n = vsnprintf(buf, sizeof(buf), fmt, ap);
-	unsigned long long off = ntext;
-
-	if (n < 0)
-		n = 0;
-	if (n >= (int)sizeof(buf))
-		n = sizeof(buf) - 1;
 	text = grow(text, &cap_text, ntext + n + 1, 1);
 	memcpy(text + ntext, buf, n);
-	text[ntext + n] = 0;
-	ntext += n + 1;
+	ntext += n;
+}
+
+/*
+ * vsnprintf with the kernel's pointer extensions the KHO code uses: %pa
+ * (a phys_addr_t passed by reference) and %pe (an ERR_PTR). Each conversion
+ * is formatted on its own so that the argument is fetched with its real type.
+ */
+static unsigned long long text_vadd(const char *fmt, va_list ap)
+{
+	unsigned long long off = ntext;
+	char spec[32], buf[256];
+	int n;
+
+	while (*fmt) {
+		const char *start = fmt;
+		size_t len;
+
+		if (*fmt != '%') {
+			while (*fmt && *fmt != '%')
+				fmt++;
+			text_append(start, fmt - start);
+			continue;
+		}
+		fmt++;
+		fmt += strspn(fmt, "-+ #0123456789.");
+		fmt += strspn(fmt, "hlzjt");
+		if (!*fmt)
+			break;
+		len = fmt - start + 1;
+		if (len >= sizeof(spec))
+			len = sizeof(spec) - 1;
+		memcpy(spec, start, len);
+		spec[len] = 0;
+		switch (*fmt) {
+		case 'p':
+			if (fmt[1] == 'a') {
+				n = snprintf(buf, sizeof(buf), "0x%016llx", *va_arg(ap, unsigned long long *));
+				fmt++;
+			} else if (fmt[1] == 'e') {
+				n = snprintf(buf, sizeof(buf), "%ld", (long)va_arg(ap, void *));
+				fmt++;
+			} else {
+				n = snprintf(buf, sizeof(buf), spec, va_arg(ap, void *));
+			}
+			break;
+		case 's':
+			n = snprintf(buf, sizeof(buf), spec, va_arg(ap, const char *));
+			break;
+		case '%':
+			n = snprintf(buf, sizeof(buf), "%%");
+			break;
+		default: /* integer conversions: by their length modifier */
+			if (strstr(spec, "ll") || strchr(spec, 'z') || strchr(spec, 'l') || strchr(spec, 'j') || strchr(spec, 't'))
+				n = snprintf(buf, sizeof(buf), spec, va_arg(ap, long long));
+			else
+				n = snprintf(buf, sizeof(buf), spec, va_arg(ap, int));
+		}
+		fmt++;
+		if (n > 0)
+			text_append(buf, n < (int)sizeof(buf) ? (size_t)n : sizeof(buf) - 1);
+	}
+	text_append("", 1);
 	return off;
 }
 
@@ -142,7 +201,7 @@ long kc_strscpy(char *d, const char *s, unsigned long n)
 {
 	unsigned long len;
 
-	if (!n)
+	if (!n || n > 0x7fffffffUL) /* the kernel refuses counts past INT_MAX */
 		return -7; /* -E2BIG */
 	len = strnlen(s, n);
 	if (len == n) {
@@ -158,14 +217,36 @@ long kc_strscpy(char *d, const char *s, unsigned long n)
 
 void *kc_phys_to_virt(unsigned long long phys)
 {
-	/* Pure arithmetic, like the kernel's direct map: an address outside the
-	 * arena is a number until something dereferences it. */
-	return (void *)(kc_page_offset + (unsigned long)phys);
+	unsigned long long base = phys & ~(unsigned long long)(PG_SIZE - 1);
+	unsigned int slot;
+
+	/* Like the kernel's direct map: an address outside the arena is a
+	 * number until something dereferences it (and then it faults). */
+	if (phys < DIRECT_MAP_BYTES)
+		return (void *)(kc_page_offset + (unsigned long)phys);
+	for (slot = 0; slot < high_used; slot++)
+		if (high_phys[slot] == base)
+			return high_map + slot * PG_SIZE + (phys - base);
+	if (high_used == HIGH_SLOTS) {
+		kc_record(KC_REC_EVENT, kc_text("more than %d distinct pages above the direct map", HIGH_SLOTS), 0, 0);
+		slot = HIGH_SLOTS - 1;
+	} else {
+		slot = high_used++;
+	}
+	high_phys[slot] = base;
+	return high_map + slot * PG_SIZE + (phys - base);
 }
 
 unsigned long long kc_virt_to_phys(const volatile void *virt)
 {
-	return (unsigned long)virt - kc_page_offset;
+	unsigned long v = (unsigned long)virt;
+
+	if (v >= (unsigned long)high_map && v < (unsigned long)high_map + HIGH_SLOTS * PG_SIZE) {
+		unsigned long off = v - (unsigned long)high_map;
+
+		return high_phys[off / PG_SIZE] + off % PG_SIZE;
+	}
+	return v - kc_page_offset;
 }
 
 int kc_is_ram(unsigned long pfn)
@@ -359,12 +440,21 @@ static const char *code_location(void *pc)
 	return buf;
 }
 
+static struct sigaction previous[NSIG];
+
 static void on_fault(int sig, siginfo_t *info, void *uctx)
 {
-	(void)uctx;
 	if (!protecting) {
-		signal(sig, SIG_DFL);
-		raise(sig);
+		/* Not ours: another harness library loaded in this process may be
+		 * running, or it is a real crash. */
+		if (previous[sig].sa_flags & SA_SIGINFO && previous[sig].sa_sigaction)
+			previous[sig].sa_sigaction(sig, info, uctx);
+		else if (previous[sig].sa_handler != SIG_DFL && previous[sig].sa_handler != SIG_IGN)
+			previous[sig].sa_handler(sig);
+		else {
+			signal(sig, SIG_DFL);
+			raise(sig);
+		}
 		return;
 	}
 	fault_signal = sig;
@@ -396,9 +486,10 @@ static void init_once(void)
 	if (direct_map)
 		return;
 	direct_map = mmap(NULL, DIRECT_MAP_BYTES, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	high_map = mmap(NULL, HIGH_SLOTS * PG_SIZE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	memmap = mmap(NULL, KC_MAX_RAM_PFN * sizeof(struct page), PROT_READ | PROT_WRITE,
 		      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-	if (direct_map == MAP_FAILED || memmap == MAP_FAILED) {
+	if (direct_map == MAP_FAILED || memmap == MAP_FAILED || high_map == MAP_FAILED) {
 		fputs("kho-conform runtime: cannot reserve address space\n", stderr);
 		abort();
 	}
@@ -411,10 +502,10 @@ static void init_once(void)
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_sigaction = on_fault;
 	sa.sa_flags = SA_SIGINFO | SA_NODEFER;
-	sigaction(SIGSEGV, &sa, NULL);
-	sigaction(SIGBUS, &sa, NULL);
-	sigaction(SIGVTALRM, &sa, NULL);
-	sigaction(SIGILL, &sa, NULL); /* UBSan built with -fsanitize-trap */
+	sigaction(SIGSEGV, &sa, &previous[SIGSEGV]);
+	sigaction(SIGBUS, &sa, &previous[SIGBUS]);
+	sigaction(SIGVTALRM, &sa, &previous[SIGVTALRM]);
+	sigaction(SIGILL, &sa, &previous[SIGILL]); /* UBSan built with -fsanitize-trap */
 }
 
 int kc_setup(const struct kc_header *h)
@@ -425,9 +516,11 @@ int kc_setup(const struct kc_header *h)
 	if (h->page_shift != KC_PAGE_SHIFT || h->arena_pages < 2 || h->arena_pages > KC_MAX_ARENA_PAGES ||
 	    h->n_ram > 8 || h->n_numa > 8 || h->n_scratch > 4)
 		return -1;
-	/* Forget the previous program: used arena pages, touched struct pages. */
-	if (arena_hwm > 1)
-		memset(kc_arena_page(0), 0, arena_hwm * PG_SIZE);
+	/* Forget the previous program: every arena page (a poke may have written
+	 * above the allocator's high-water mark), touched struct pages. */
+	if (arena_mapped)
+		madvise(kc_arena_page(0), arena_mapped, MADV_DONTNEED);
+	high_used = 0;
 	memset(arena_order, 0, hdr.arena_pages ? hdr.arena_pages : KC_MAX_ARENA_PAGES);
 	memset(arena_used, 0, hdr.arena_pages ? hdr.arena_pages : KC_MAX_ARENA_PAGES);
 	if (memmap_hi > memmap_lo) {
@@ -496,7 +589,7 @@ int kc_protected(void (*fn)(void *), void *arg)
 		else if (fault_signal)
 			kc_record(KC_REC_EVENT,
 				  kc_text("fault: %s at %#llx (phys %#llx), outside the arena", strsignal(fault_signal),
-					  fault_addr, fault_addr - kc_page_offset), 0, 0);
+					  fault_addr, kc_virt_to_phys((void *)(unsigned long)fault_addr)), 0, 0);
 		fault_signal = 0;
 		return 1;
 	}
