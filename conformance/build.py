@@ -37,7 +37,7 @@ LIBFDT_SOURCES = ("fdt.c", "fdt_ro.c", "fdt_rw.c", "fdt_sw.c", "fdt_wip.c", "fdt
 CLANG_CANDIDATES = ("clang-16", "clang")
 # The kernel unit must not silently get int-returning implicit prototypes.
 STRICT = ["-Werror=implicit-function-declaration", "-Werror=int-conversion", "-Werror=incompatible-pointer-types"]
-SANITIZE = ["-fsanitize=address,undefined", "-fsanitize-trap=undefined", "-fsanitize-recover=address",
+SANITIZE = ["-fsanitize=address,undefined", "-fsanitize-trap=undefined", "-fsanitize-recover=address", "-fno-inline",
             "-fno-omit-frame-pointer"]
 
 

@@ -114,16 +114,14 @@ def _doc_compatible(target: Target) -> CheckResult:
 
 
 def comparison_result(name: str, cmp: Comparison, target: Target, reproducer: str) -> CheckResult:
-    """A differential run as a check: pass, known (every divergence is a known
-    bug on this version) or fail (the first unknown divergence)."""
+    """A differential run as a check: pass, known (the first divergence is a
+    known bug on this version; what follows it is its consequence) or fail."""
     if cmp.ok:
         return CheckResult(name, "pass", detail=f"{len(cmp.program.steps)} ops agree")
-    version = target.build.source.version
-    unknown = [d for d in cmp.divergences if not is_known(d, version)]
-    first = unknown[0] if unknown else cmp.divergences[0]
-    known = None if unknown else is_known(first, version)
+    first = cmp.first
+    known = is_known(first, target.build.source.version)
     return CheckResult(
-        name, "fail" if unknown else "known", detail=first.line()[:300], divergence=first.to_json(),
+        name, "known" if known else "fail", detail=first.line()[:300], divergence=first.to_json(),
         known_id=known.id if known else "", reproducer=reproducer,
     )
 

@@ -84,6 +84,10 @@ def _signature(check: str, field_name: str, op: Step | None, expected: object, a
     inputs: check, field (indices dropped), op kind, and for return codes the
     two codes themselves (a -ENOMEM vs 0 is another bug than -EINVAL vs 0)."""
     kind = op.op.name if op is not None else "-"
+    # State fields are named by position (tree path, page, byte offset), which
+    # depends on the page shift: the field's kind is what identifies a bug.
+    if check in ("tree", "node_pages", "fdt"):
+        field_name = field_name.split("[", 1)[0]
     detail = ""
     if field_name in ("rc", "accepted"):
         detail = f"{expected}->{actual}"
@@ -170,7 +174,13 @@ def _diff(program: Program, exp: Outcome, act: Outcome, target: Target) -> list[
     for name, e, a in zip(("rc", "value", "value2", "warnings"), _op_view(exp.boot), _op_view(act.boot)):
         if e != a:
             add("boot", None, name, e, a)
+    if act.events:
+        # The event (a sanitizer trap, a fault, a timeout) is the divergence;
+        # the op it cut short and the ones after it never ran.
+        add("events", act.event_ops[0], "event", (), act.events[0])
     for i, (re_, ra) in enumerate(zip(exp.ops, act.ops)):
+        if ra.rc == NOT_RUN and act.events:
+            break
         for name, e, a in zip(("rc", "value", "value2", "warnings"), _op_view(re_), _op_view(ra)):
             if e != a:
                 add("ops", i, name, e, a)
@@ -178,10 +188,8 @@ def _diff(program: Program, exp: Outcome, act: Outcome, target: Target) -> list[
         else:
             continue
         break  # later ops usually differ because of this one: keep the first
-    if act.events:
-        add("events", act.event_ops[0], "event", (), act.events[0])
-        if any(r.rc == NOT_RUN for r in act.ops) or act.image is None:
-            return out  # the kernel run was cut short: its state is not an answer
+    if act.events and (any(r.rc == NOT_RUN for r in act.ops) or act.image is None):
+        return out  # the kernel run was cut short: its state is not an answer
     ev, av = _old_view(exp), _old_view(act)
     kexec = program.kexec_index()
     state_at = kexec if kexec is not None else len(steps) - 1

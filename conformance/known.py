@@ -1,7 +1,8 @@
 """Known findings: kernel bugs (and documentation slips) that kho-conform has
-triaged, described in ``corpus/known/<id>.toml``. A divergence whose
-signature a known finding lists, on a kernel version it affects, is reported
-as known rather than as a new failure; once the kernel fixes it, the
+triaged, described in ``corpus/known/<id>.toml``. A program whose first
+divergence has a signature a known finding lists, on a kernel version it
+affects, is reported as known rather than as a new failure (what follows the
+first divergence is its consequence); once the kernel fixes it, the
 divergence must disappear on the fixed versions.
 
 A model or shim bug is never recorded here: it is fixed.
