@@ -257,16 +257,18 @@ def _cross_handover(program: Program, exp: Outcome, act: Outcome, target: Target
     k, steps = after
     out = []
     h = program.header
-    m_next, m_ops = model.restore(act.image, steps, h, target.profile)
-    m_kexec = OpResult(0 if m_next.accepted else -EINVAL)
-    out += _next_diff("handover:c-image", program, k, act.next, act.ops[k:], m_next, [m_kexec, *m_ops], swap=True)
+    if not act.events:  # a kernel run cut short has no next-kernel answer to hold the model's against
+        m_next, m_ops = model.restore(act.image, steps, h, target.profile)
+        m_kexec = OpResult(0 if m_next.accepted else -EINVAL)
+        out += _next_diff("handover:c-image", program, k, act.next, act.ops[k:], m_next, [m_kexec, *m_ops], swap=True)
     c = target.harness.restore(exp.image, h, steps)
-    out += _next_diff("handover:model-image", program, k, exp.next, exp.ops[k:], c.next, list(c.ops), swap=False)
-    if c.events:
+    if c.events:  # the event is the answer; what it cut short is not
         at = k + (c.event_ops[0] or 0)  # the foreign run's op 0 is the kexec
         step = program.steps[at]
         out.append(Divergence("handover:model-image", at, step.text(), "event", "()", _short(c.events[0]),
                               _signature("events", "event", step, (), c.events[0])))
+    else:
+        out += _next_diff("handover:model-image", program, k, exp.next, exp.ops[k:], c.next, list(c.ops), swap=False)
     return out
 
 
