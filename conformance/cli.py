@@ -21,8 +21,8 @@ def _kernel_args(p: argparse.ArgumentParser, page_shift_default: int | None = 12
     g.add_argument("--kernel-tree", metavar="PATH", type=Path, help="a local kernel tree, used read-only")
     g.add_argument("--kernel-tarball", metavar="PATH", type=Path, help="a kernel source tarball")
     g.add_argument("--patch", metavar="FILE", type=Path, help="apply this patch to a scratch copy of the source first")
-    if page_shift_default is not None:
-        p.add_argument("--page-shift", type=int, choices=(12, 14, 16), default=page_shift_default, help="kernel PAGE_SHIFT (default %(default)s)")
+    p.add_argument("--page-shift", type=int, choices=(12, 14, 16), default=page_shift_default,
+                   help="kernel PAGE_SHIFT (default: %(default)s)" if page_shift_default else "kernel PAGE_SHIFT (default: the finding's, else 12)")
 
 
 def _source(args: argparse.Namespace):

@@ -11,7 +11,6 @@ Model policies, in one place:
   pfn a key holds: -EINVAL, no change;
 - page ranges split at every NUMA boundary inside a block, and never into a
   block of order 64 - PAGE_SHIFT (keys.page_chunks);
-- an old-kernel tree op through a corrupted table entry: -EFAULT, no change;
 - the next kernel refuses a tree holding keys wider than the key width, and an
   image of another page size;
 - a refused handover reports only ``accepted`` and ``reason``;
@@ -43,12 +42,8 @@ from .program import (
     Program,
     Step,
 )
-from .tree import BadPointer, RadixTree, TreeError, leaf_bits, traverse
+from .tree import RadixTree, TreeError, leaf_bits, traverse
 
-# Model policy: an old-kernel tree op that meets a corrupted table entry (one
-# that is not an in-use arena page, see POKE_ARENA) stops with -EFAULT and
-# changes nothing; the kernel would dereference it (a harness event).
-EFAULT = 14
 
 OK = OpResult()
 UNSUPPORTED = OpResult(-EOPNOTSUPP)
@@ -92,6 +87,7 @@ class OldKernel:
         self.tree: RadixTree | None = None
         self.fdt: Fdt | None = None
         self.fdt_phys = 0
+        self.pokes: list[Step] = []
         # New-kernel ops run here see a kernel that received no handover.
         self.no_handover = NewKernel(header, accepted=False, magic={}, fdt=None, booted=False)
 
@@ -128,10 +124,7 @@ class OldKernel:
             return self.no_handover.apply(step)
         if not self.enabled or step.op == Op.KEXEC:
             return UNSUPPORTED
-        try:
-            return self._apply(step)
-        except BadPointer:
-            return OpResult(-EFAULT)
+        return self._apply(step)
 
     def _apply(self, step: Step) -> OpResult:
         assert self.tree is not None and self.fdt is not None
@@ -163,14 +156,19 @@ class OldKernel:
         if op == Op.REMOVE_SUBTREE:
             kho_remove_subtree(self.fdt, self.geo.page_size, a)
             return OK
-        if op == Op.POKE_ARENA:
-            self.arena.poke(a, b, step.c)
-            return OK
-        if op == Op.POKE_FDT:
-            if a < self.geo.page_size:
-                self.fdt.buf[a] = b & 0xFF
+        if op in (Op.POKE_ARENA, Op.POKE_FDT):
+            self.pokes.append(step)  # they corrupt the image at handover
             return OK
         raise AssertionError(f"unhandled op {op!r}")
+
+    def corrupt_image(self) -> None:
+        """Apply the pokes: they stand for corruption of the handover image in
+        transit, so the old kernel itself never runs on corrupted state."""
+        for step in self.pokes:
+            if step.op == Op.POKE_ARENA:
+                self.arena.poke(step.a, step.b, step.c)
+            elif step.a < self.geo.page_size:
+                self.fdt.buf[step.a] = step.b & 0xFF
 
     def _delete(self, keys: list[int]) -> OpResult:
         assert self.tree is not None
@@ -185,11 +183,8 @@ class OldKernel:
         added: list[int] = []
         for start, order in page_chunks(pfn, nr_pages, self.header):
             key = pfn_key(start, order, P)
-            try:
-                present = self.tree.contains(key)
-                rc = self.tree.add(key)
-            except BadPointer:  # the keys added so far still roll back
-                rc = -EFAULT
+            present = self.tree.contains(key)
+            rc = self.tree.add(key)
             if rc:
                 for k in added:
                     self.tree.delete(k)
@@ -397,6 +392,8 @@ def run(program: Program, profile: Profile) -> Outcome:
     kexec = program.kexec_index()
     before = program.steps if kexec is None else program.steps[:kexec]
     ops = [old.apply(s) for s in before]
+    if kexec is not None and old.enabled:
+        old.corrupt_image()
     snap = old.snapshot()
     next_kernel = None
     if kexec is not None:

@@ -58,8 +58,10 @@ class Op(IntEnum):
     RADIX_DEL_KEY = 8
     ADD_SUBTREE = 9
     REMOVE_SUBTREE = 10
-    POKE_ARENA = 11  # corrupt the handover image: write a u64 into an arena page
-    POKE_FDT = 12  # corrupt the handover image: write a byte of the FDT page
+    # Corruption of the handover image in transit: applied at kexec, in op
+    # order, so the old kernel never runs on a corrupted state.
+    POKE_ARENA = 11  # write a u64 into an arena page
+    POKE_FDT = 12  # write a byte of the FDT page
     KEXEC = 13
     RESTORE_FOLIO = 14
     RESTORE_PAGES = 15

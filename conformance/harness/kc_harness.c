@@ -158,6 +158,20 @@ static int kc_load_image(const unsigned char *p, unsigned long len, u64 *hdr)
 	return 0;
 }
 
+/* Pokes stand for corruption of the handover image in transit: applied at
+ * kexec, so the old kernel never runs on corrupted state. */
+static void kc_corrupt_image(const struct kc_run *run)
+{
+	for (unsigned long i = 0; i < kc_cur_op; i++) {
+		const struct kc_step *s = &run->steps[i];
+
+		if (s->op == KC_POKE_ARENA && s->a < kc_arena_pages() && s->b < PAGE_SIZE / sizeof(u64))
+			((u64 *)kc_arena_page(s->a))[s->b] = s->c;
+		else if (s->op == KC_POKE_FDT && s->a < PAGE_SIZE)
+			((u8 *)kho_out.fdt)[s->a] = (u8)s->b;
+	}
+}
+
 static void kc_next_kernel(struct kc_run *run)
 {
 	u64 fdt_phys, scratch_phys, scratch_len, image_hdr[4];
@@ -171,6 +185,7 @@ static void kc_next_kernel(struct kc_run *run)
 		scratch_phys = image_hdr[1];
 		scratch_len = image_hdr[2];
 	} else {
+		kc_corrupt_image(run);
 		kc_record_state();
 		fdt_phys = virt_to_phys(kho_out.fdt);
 		scratch_phys = virt_to_phys(kho_scratch);
@@ -283,13 +298,8 @@ static void kc_old_kernel_op(struct kc_run *run, const struct kc_step *s)
 		kho_remove_subtree(phys_to_virt(s->a));
 		break;
 	case KC_POKE_ARENA:
-		if (s->a < kc_arena_pages() && s->b < PAGE_SIZE / sizeof(u64))
-			((u64 *)kc_arena_page(s->a))[s->b] = s->c;
-		break;
 	case KC_POKE_FDT:
-		if (kho_out.fdt && s->a < PAGE_SIZE)
-			((u8 *)kho_out.fdt)[s->a] = (u8)s->b;
-		break;
+		break; /* applied to the image at kexec: kc_corrupt_image() */
 	}
 	kc_op_result(rc, 0, 0);
 }

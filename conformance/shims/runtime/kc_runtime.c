@@ -49,7 +49,7 @@ static unsigned char *arena_order;  /* per arena page: order + 1 at a block head
 static unsigned char *arena_used;
 static unsigned long arena_hint = 1, arena_hwm = 1;
 static unsigned long long alloc_count;
-static int fault_armed, slab_ready, next_kernel;
+static int fault_armed, slab_ready, memory_init;
 static long managed_pages;
 static unsigned char warn_once_fired[WARN_SITES];
 static struct page sink_page;
@@ -272,8 +272,9 @@ struct page *kc_pfn_to_page(unsigned long pfn)
 {
 	if (kc_is_ram(pfn))
 		return touch(pfn);
-	/* No struct page exists here: hand out a scratch one and say so. */
-	if (next_kernel)
+	/* No struct page exists here: hand out a scratch one, and say so when
+	 * the next kernel's memory init is what asked (NextKernel.phantom). */
+	if (memory_init)
 		kc_record(KC_REC_PHANTOM, pfn, 0, 0);
 	memset(&sink_page, 0, sizeof(sink_page));
 	sink_page.kc_pfn = pfn;
@@ -400,9 +401,11 @@ int kc_slab_is_available(void)
 	return slab_ready;
 }
 
+/* The next kernel's memory init is over: the page allocator is up. */
 void kc_set_slab_ready(int ready)
 {
 	slab_ready = ready;
+	memory_init = !ready;
 }
 
 /* ---- memblock ---- */
@@ -561,7 +564,7 @@ void kc_start_kernel(int next)
 		memmap_hi = 0;
 	}
 	memset(warn_once_fired, 0, sizeof(warn_once_fired));
-	next_kernel = next;
+	memory_init = next; /* a next kernel starts with its memory init */
 	fault_armed = !next;
 	slab_ready = !next;
 	managed_pages = 0;
