@@ -176,8 +176,10 @@ def _diff(program: Program, exp: Outcome, act: Outcome, target: Target) -> list[
             add("boot", None, name, e, a)
     if act.events:
         # The event (a sanitizer trap, a fault, a timeout) is the divergence;
-        # the op it cut short and the ones after it never ran.
-        add("events", act.event_ops[0], "event", (), act.events[0])
+        # the op it cut short and the ones after it never ran. Expected: what
+        # the model answered for that op.
+        at = act.event_ops[0]
+        add("events", at, "event", _op_view(exp.boot if at is None else exp.ops[at]), act.events[0])
     for i, (re_, ra) in enumerate(zip(exp.ops, act.ops)):
         if ra.rc == NOT_RUN and act.events:
             break

@@ -27,6 +27,10 @@ class KnownFinding:
     title: str
     kind: str  # "kernel-bug" | "kernel-limitation" | "documentation"
     signatures: tuple[str, ...]
+    # Rules for divergences whose signature varies with the input (which op,
+    # which sanitizer check): each a dict of Divergence attribute -> regex,
+    # all of which must match in full.
+    rules: tuple[dict[str, str], ...]
     affected: tuple[str, ...]  # version prefixes, e.g. ("7.1",) or ("7.1", "7.2", "7.3")
     fixed_in: str  # first fixed version, "" while unfixed
     description: str
@@ -51,6 +55,7 @@ def load_known(directory: Path = KNOWN_DIR) -> tuple[KnownFinding, ...]:
             data = tomllib.loads(path.read_text())
             found.append(KnownFinding(
                 id=data["id"], title=data["title"], kind=data["kind"], signatures=tuple(data.get("signatures", ())),
+                rules=tuple(data.get("match", ())),
                 affected=tuple(data["affected"]), fixed_in=data.get("fixed_in", ""),
                 description=data["description"].strip(), why_model_is_right=data["why_model_is_right"].strip(), path=path,
             ))
@@ -62,9 +67,15 @@ def load_known(directory: Path = KNOWN_DIR) -> tuple[KnownFinding, ...]:
 def is_known(divergence, version: str) -> KnownFinding | None:
     """The known finding that explains this divergence on this version, if any."""
     for known in load_known():
-        if divergence.signature in known.signatures and known.affects(version):
+        if not known.affects(version):
+            continue
+        if divergence.signature in known.signatures or any(_matches(rule, divergence) for rule in known.rules):
             return known
     return None
+
+
+def _matches(rule: dict[str, str], divergence) -> bool:
+    return all(re.fullmatch(pattern, str(getattr(divergence, key, "")), re.S) for key, pattern in rule.items())
 
 
 def by_id(known_id: str) -> KnownFinding | None:
