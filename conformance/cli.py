@@ -140,6 +140,13 @@ def _finding_defaults(args: argparse.Namespace) -> None:
         args.kernel = data.get("kernel_version") or data.get("version")
         if args.page_shift is None:
             args.page_shift = data.get("page_shift", 12)
+    if args.page_shift is None and args.file.is_file() and args.file.suffix != ".bin":
+        from reference.program import ProgramError, parse_program
+
+        try:  # a text program says its page shift in its header
+            args.page_shift = parse_program(args.file.read_text()).header.page_shift
+        except (ProgramError, UnicodeDecodeError):
+            pass
     if args.page_shift is None:
         args.page_shift = 12
 

@@ -37,6 +37,7 @@ from .program import (
     NEW_KERNEL_OPS,
     RESTORE_PAGE_LIMIT,
     RESTORE_SKIPPED,
+    WARN_CAP,
     Header,
     Op,
     Program,
@@ -173,7 +174,7 @@ class OldKernel:
     def _delete(self, keys: list[int]) -> OpResult:
         assert self.tree is not None
         absent = sum(not self.tree.delete(k) for k in keys)
-        return OpResult(warnings=(WARN_DEL_ABSENT,) * absent) if absent else OK
+        return OpResult(warnings=(WARN_DEL_ABSENT,) * min(absent, WARN_CAP)) if absent else OK
 
     def _preserve_pages(self, pfn: int, nr_pages: int) -> int:
         """Add every block; on failure remove the keys this call set (keys

@@ -43,6 +43,9 @@ RESTORE_PAGE_LIMIT = 1 << 16
 RESTORE_SKIPPED = -1000
 # The op never ran: an earlier op faulted or exhausted its CPU budget.
 NOT_RUN = -1001
+# Warnings kept per op, by both implementations: a runaway loop can warn
+# millions of times, and the count past this tells nothing more.
+WARN_CAP = 64
 
 
 class Op(IntEnum):
@@ -315,6 +318,7 @@ def c_declarations() -> str:
 #define KC_MAX_NAME {MAX_NAME}
 #define KC_RESTORE_PAGE_LIMIT {RESTORE_PAGE_LIMIT}ULL
 #define KC_RESTORE_SKIPPED ({RESTORE_SKIPPED})
+#define KC_WARN_CAP {WARN_CAP}
 enum kc_op {{
 {ops}
 }};

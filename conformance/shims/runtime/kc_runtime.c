@@ -52,6 +52,7 @@ static unsigned long long alloc_count;
 static int fault_armed, slab_ready, memory_init;
 static long managed_pages;
 static unsigned char warn_once_fired[WARN_SITES];
+static unsigned int warn_op = ~0u, warns_this_op; /* WARN_CAP per op */
 static struct page sink_page;
 
 static struct kc_rec *recs;
@@ -185,7 +186,12 @@ int kc_warn(int cond, int site, int once, const char *func, int line, const char
 			return cond;
 		warn_once_fired[site] = 1;
 	}
-	kc_record(KC_REC_WARN, kc_text("%s:%d: %s", func, line, what), 0, 0);
+	if (kc_cur_op != warn_op) {
+		warn_op = kc_cur_op;
+		warns_this_op = 0;
+	}
+	if (warns_this_op++ < KC_WARN_CAP)
+		kc_record(KC_REC_WARN, kc_text("%s:%d: %s", func, line, what), 0, 0);
 	return cond;
 }
 
@@ -548,6 +554,7 @@ int kc_setup(const struct kc_header *h)
 	alloc_count = 0;
 	managed_pages = 0;
 	nrecs = ntext = 0;
+	warn_op = ~0u;
 	snapshot_pages = 0;
 	kc_cur_op = KC_OP_BOOT;
 	return 0;

@@ -1,0 +1,214 @@
+"""Minimizing a diverging program while keeping its divergence signature,
+and replaying any input (finding directory, program text, fuzzer bytes)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+from conformance.diff import Target, compare
+from conformance.errors import KhoConformError
+from reference.program import Header, Program, ProgramError, Step, parse_program
+
+from .decode import decode
+from .findings import load_finding, trace
+
+Predicate = Callable[[Program], bool]
+
+
+def signature_predicate(target: Target, signature: str) -> Predicate:
+    """True for programs whose first divergence on ``target`` has ``signature``."""
+
+    def still_fails(program: Program) -> bool:
+        try:
+            first = compare(program, target).first
+        except KhoConformError:  # e.g. a header the harness refuses
+            return False
+        return first is not None and first.signature == signature
+
+    return still_fails
+
+
+class _Budget:
+    """Counts predicate runs; candidates that are invalid programs are free."""
+
+    def __init__(self, predicate: Predicate, runs: int) -> None:
+        self.predicate = predicate
+        self.left = runs
+
+    def __call__(self, program: Program) -> bool:
+        try:
+            program.header.validate()
+        except ProgramError:
+            return False
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        return self.predicate(program)
+
+
+def minimize(program: Program, still_fails: Predicate, budget_runs: int = 400) -> Program:
+    """A smaller program for which ``still_fails`` holds: delta debugging
+    over the ops (chunks, then single ops), then simpler header and operand
+    values. At most ``budget_runs`` calls of ``still_fails``."""
+    test = _Budget(still_fails, budget_runs)
+    best = program
+    best = _ddmin_ops(best, test)
+    best = _simplify_header(best, test)
+    best = _simplify_values(best, test)
+    # Simpler values can make more ops removable.
+    return _ddmin_ops(best, test)
+
+
+def _with_steps(p: Program, steps: list[Step] | tuple[Step, ...]) -> Program:
+    return Program(p.header, tuple(steps))
+
+
+def _ddmin_ops(p: Program, test: _Budget) -> Program:
+    """Remove chunks of ops, halving the chunk size down to single ops."""
+    steps = list(p.steps)
+    chunk = max(len(steps) // 2, 1)
+    while test.left > 0:
+        i = 0
+        while i < len(steps):
+            candidate = steps[:i] + steps[i + chunk :]
+            if test(_with_steps(p, candidate)):
+                steps = candidate
+            else:
+                i += chunk
+        if chunk == 1:
+            break
+        chunk //= 2
+    return _with_steps(p, steps)
+
+
+def _smaller(value: int) -> Iterator[int]:
+    """Candidates simpler than ``value``, simplest first."""
+    seen = set()
+    for v in (0, 1, value.bit_length() and 1 << (value.bit_length() - 1), value >> 1, value & (value - 1)):
+        if v < value and v not in seen:
+            seen.add(v)
+            yield v
+
+
+def _simplify_header(p: Program, test: _Budget) -> Program:
+    """The default (or no) ram, numa and scratch lists, else fewer entries;
+    no fault injection; a smaller arena."""
+    best = p
+    default = Header(page_shift=p.header.page_shift)
+
+    def attempt(**changes) -> bool:
+        nonlocal best
+        candidate = replace(best, header=replace(best.header, **changes))
+        if candidate.header != best.header and test(candidate):
+            best = candidate
+            return True
+        return False
+
+    for name in ("scratch", "ram", "numa"):
+        if attempt(**{name: getattr(default, name)}):
+            continue
+        i = 0
+        while i < len(entries := getattr(best.header, name)):
+            # ram and numa keep one entry: an empty list is the default in the text form
+            if (name != "scratch" and len(entries) == 1) or not attempt(**{name: entries[:i] + entries[i + 1 :]}):
+                i += 1
+    attempt(fail_alloc=0)
+    for pages in (16, 32, 64, 128, 256):
+        if pages < best.header.arena_pages and attempt(arena_pages=pages):
+            break
+    return best
+
+
+def _simplify_values(p: Program, test: _Budget) -> Program:
+    """Each operand shrunk as far as the predicate allows (toward 0, 1 and
+    powers of two), each subtree name replaced by "a"."""
+    steps = list(p.steps)
+
+    def attempt(i: int, **changes) -> bool:
+        candidate = steps[:i] + [replace(steps[i], **changes)] + steps[i + 1 :]
+        if candidate[i] != steps[i] and test(_with_steps(p, candidate)):
+            steps[:] = candidate
+            return True
+        return False
+
+    for i in range(len(steps)):
+        for name in ("a", "b", "c"):
+            while test.left > 0 and any(attempt(i, **{name: v}) for v in _smaller(getattr(steps[i], name))):
+                pass
+        if steps[i].name and test.left > 0:
+            attempt(i, name="a")
+    return _with_steps(p, steps)
+
+
+# ---- files -------------------------------------------------------------------
+
+
+def load_input(path: Path, page_shift: int) -> tuple[Program, dict | None]:
+    """The program of a finding directory (with its finding.json), a program
+    text, or raw fuzzer bytes (``.bin``, decoded for ``page_shift``)."""
+    path = Path(path)
+    finding = None
+    if path.is_dir():
+        finding = load_finding(path)
+        path = path / "program.txt"
+    elif (path.parent / "finding.json").exists():
+        finding = load_finding(path.parent)
+    if path.suffix == ".bin":
+        return decode(path.read_bytes(), page_shift), finding
+    try:
+        return parse_program(path.read_text()), finding
+    except UnicodeDecodeError:
+        return decode(path.read_bytes(), page_shift), finding
+    except ProgramError as e:
+        raise KhoConformError(f"{path}: {e}") from None
+
+
+def _for_target(program: Program, target: Target, path: Path) -> Program:
+    if program.header.page_shift != target.build.page_shift:
+        raise KhoConformError(
+            f"{path} is a page shift {program.header.page_shift} program; pass --page-shift {program.header.page_shift}"
+        )
+    return program
+
+
+def replay(path: Path, target: Target, as_json: bool = False) -> tuple[str, bool]:
+    """Run an input on both implementations: (the trace or JSON, whether it
+    diverged). For a saved finding the output says whether the divergence
+    still has the recorded signature."""
+    program, finding = load_input(path, target.build.page_shift)
+    c = compare(_for_target(program, target, path), target)
+    expected = finding["signature"] if finding else None
+    same = expected is not None and c.first is not None and c.first.signature == expected
+    if as_json:
+        out = {
+            "input": str(path), "kernel": target.build.identity(), "profile": target.profile.name, "ok": c.ok,
+            "program": program.text(), "divergences": [d.to_json() for d in c.divergences],
+            "recorded_signature": expected, "reproduced": same if finding else None,
+            "model": [r.__dict__ for r in c.model.ops], "kernel_ops": [r.__dict__ for r in c.kernel.ops],
+            "events": list(c.kernel.events),
+        }
+        return json.dumps(out, indent=1, default=list), not c.ok
+    text = trace(c, target)
+    if finding:
+        verdict = "reproduced" if same else ("diverges differently" if c.first else "no longer diverges")
+        text += f"\nrecorded signature {expected}: {verdict}\n"
+    return text, not c.ok
+
+
+def minimize_file(path: Path, target: Target, out: Path | None = None) -> Path:
+    """Minimize the input at ``path`` (as ``replay`` reads it), keeping its
+    first divergence's signature; write the program text to ``out``
+    (default: ``<name>.min.txt`` beside it, ``program.min.txt`` in a finding)."""
+    path = Path(path)
+    program, _ = load_input(path, target.build.page_shift)
+    first = compare(_for_target(program, target, path), target).first
+    if first is None:
+        raise KhoConformError(f"{path} does not diverge on {target.label}: nothing to minimize")
+    small = minimize(program, signature_predicate(target, first.signature))
+    if out is None:
+        out = path / "program.min.txt" if path.is_dir() else path.with_name(path.stem + ".min.txt")
+    out.write_text(small.text())
+    return out
