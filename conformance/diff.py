@@ -93,8 +93,22 @@ def _signature(check: str, field_name: str, op: Step | None, expected: object, a
         detail = f"{expected}->{actual}"
     elif check == "events":
         detail = _NUMBERS.sub("#", str(actual))
+    elif check == "tree":
+        detail = _tree_difference(expected, actual)
     text = "|".join((check, _NUMBERS.sub("#", field_name), kind, detail))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _tree_difference(expected: object, actual: object) -> str:
+    """How two versions of one tree node differ: a missing node, or slots or
+    bits the kernel has in excess or lacks (a missed split and a lost key
+    are different bugs, though both show at the same op)."""
+    if expected is None or actual is None:
+        return "node-missing-in-kernel" if actual is None else "node-extra-in-kernel"
+    (_, level, want), (_, _, got) = expected, actual
+    extra, missing = bool(set(got) - set(want)), bool(set(want) - set(got))
+    kind = "leaf-bits" if level == 0 else "table-slots"
+    return f"{kind}:{'extra' if extra else ''}{'+' if extra and missing else ''}{'missing' if missing else ''}"
 
 
 @dataclass
@@ -169,7 +183,7 @@ def _diff(program: Program, exp: Outcome, act: Outcome, target: Target) -> list[
     def add(check: str, index: int | None, field_name: str, e: object, a: object) -> None:
         step = steps[index] if index is not None and index < len(steps) else None
         out.append(Divergence(check, index, step.text() if step else "", field_name, _short(e), _short(a),
-                              _signature(check, field_name, step, e, a)))
+                              _signature(check, field_name, step, e, a)))  # e, a: the values themselves
 
     for name, e, a in zip(("rc", "value", "value2", "warnings"), _op_view(exp.boot), _op_view(act.boot)):
         if e != a:
