@@ -225,6 +225,9 @@ class NewKernel:
         self.warned = False
 
     def apply(self, step: Step) -> OpResult:
+        if not self.booted and step.op in NEW_KERNEL_OPS:
+            # Restore ops where no next kernel runs: nothing to restore from.
+            return OpResult(-ENOENT) if step.op == Op.RETRIEVE_SUBTREE else OpResult(NULL)
         if step.op == Op.RESTORE_FOLIO:
             return self._restore_folio(step.a)
         if step.op == Op.RESTORE_PAGES:
