@@ -91,6 +91,8 @@ def _signature(check: str, field_name: str, op: Step | None, expected: object, a
     detail = ""
     if field_name in ("rc", "accepted"):
         detail = f"{expected}->{actual}"
+    elif field_name in ("value", "value2") and isinstance(expected, int) and isinstance(actual, int):
+        detail = "kernel-less" if actual < expected else "kernel-more"  # e.g. fewer pages restored
     elif check == "events":
         detail = _NUMBERS.sub("#", str(actual))
     elif check == "tree":

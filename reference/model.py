@@ -320,6 +320,8 @@ def handover(image: Image, header: Header, profile: Profile) -> tuple[NextKernel
     keys = [v.base | bit for v in visits if v.level == 0 for bit in leaf_bits(v.words)]
     if keys and keys[-1].bit_length() > geo.key_width:  # keys ascend: the last is the widest
         return reject("tree key wider than the key width")
+    if keys and keys[0] < 2:  # no order bit inside the key: no (phys, order) it could name
+        return reject(f"tree key {keys[0]} encodes no page")
 
     P = header.page_shift
     walk = tuple(decode(k, P) for k in keys)
