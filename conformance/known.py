@@ -38,6 +38,9 @@ class KnownFinding:
     path: Path
 
     def affects(self, version: str) -> bool:
+        # A developer's tree is "local-7.3.4": its release number is what counts.
+        m = re.search(r"\d+(\.\d+)+", version)
+        version = m.group(0) if m else version
         if not any(version == a or version.startswith(a + ".") for a in self.affected):
             return False
         return not self.fixed_in or _version_key(version) < _version_key(self.fixed_in)
