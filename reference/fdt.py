@@ -160,6 +160,11 @@ class Fdt:
         hs = _header_size(ver)
         if not hs <= total <= INT_MAX:
             return -FDT_ERR_TRUNCATED
+        # The devicetree specification: the memory reservation block at an
+        # 8-byte aligned offset, the structure block 4-byte aligned. (The
+        # kernel's libfdt checks this; older libfdt, as in pylibfdt, does not.)
+        if h[4] % 8 or h[2] % 4:
+            return -FDT_ERR_ALIGNMENT
 
         def within(base: int, size: int = 0) -> bool:
             return hs <= base <= total and hs <= base + size <= total
