@@ -217,7 +217,7 @@ def _diff(program: Program, exp: Outcome, act: Outcome, target: Target) -> list[
             add(name, _first_state_op(program, target, name, state_at), e[0], e[1], a)
     en, an = _next_view(exp.next), _next_view(act.next)
     if en != an and kexec is not None:
-        for key in (en or {}).keys() | (an or {}).keys():
+        for key in (en or an):  # NextKernel's field order: deterministic
             e = (en or {}).get(key)
             a = (an or {}).get(key)
             if e != a:
