@@ -152,7 +152,7 @@ def _fuzz(source: KernelSource, ps: int, plan: Plan) -> tuple[CheckResult, list[
     corpus = plan.work_dir / f"{source.version}-ps{ps}"
     stats = run_fuzz(source=source, page_shift=ps, corpus_dir=corpus, jobs=1, seconds=plan.fuzz_seconds,
                      crashes_dir=plan.crashes_dir, live=False)
-    points = [FuzzPoint(p.seconds, p.execs, p.exec_per_s, p.coverage, p.corpus, p.findings) for p in stats.timeline]
+    points = stats.timeline
     new = stats.new_findings
     status = "fail" if new else "pass"
     detail = f"{stats.execs} execs, {stats.exec_per_s:.0f}/s, coverage {stats.coverage}, {len(new)} new findings"

@@ -33,6 +33,7 @@ from conformance.binding import SANITIZER_ENV, sanitizer_preload
 from conformance.build import Build, build
 from conformance.errors import KhoConformError
 from conformance.kernel_source import KernelSource
+from conformance.report import FuzzPoint  # one timeline point, as reports plot it
 
 from .findings import iter_findings
 
@@ -47,16 +48,6 @@ TAIL = 40  # lines of libFuzzer output kept for error messages
 # "#1234 NEW cov: 12 ft: 34 corp: 5/67b lim: 8 exec/s: 90 ..." (in-process) and
 # "#1234: cov: 12 ft: 34 corp: 5 exec/s 90 oom/timeout/crash: ..." (fork mode).
 _STATS = re.compile(r"^#(\d+):?\s+(?:\w+\s+)?cov: (\d+) ft: (\d+) corp: (\d+)\S*.*?exec/s:? (\d+)")
-
-
-@dataclass
-class FuzzPoint:
-    seconds: float
-    execs: int
-    exec_per_s: float
-    coverage: int
-    corpus: int
-    findings: int
 
 
 @dataclass
