@@ -140,7 +140,8 @@ def run_fuzz(source: KernelSource, page_shift: int = 12, *, corpus_dir: Path, jo
     workers; findings go to ``crashes_dir``. Ctrl-C stops early and still
     returns the stats."""
     b = build(source, page_shift, flavor)  # here, so that workers only load it and errors show once
-    corpus_dir, crashes_dir = Path(corpus_dir), Path(crashes_dir)
+    # libFuzzer runs in the work directory: hand it absolute paths
+    corpus_dir, crashes_dir = Path(corpus_dir).resolve(), Path(crashes_dir).resolve()
     _seed(corpus_dir)
     work = corpus_dir.with_name(corpus_dir.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
