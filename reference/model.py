@@ -259,9 +259,14 @@ class NewKernel:
         """Model policy: expect exactly the blocks preserve_pages makes for
         this range under this machine's NUMA layout; blocks restored before a
         mismatch stay restored."""
-        if nr_pages > RESTORE_PAGE_LIMIT:
-            return OpResult(RESTORE_SKIPPED)
         pfn = phys >> self.header.page_shift
+        # The harness does not run restores that would initialise more than
+        # RESTORE_PAGE_LIMIT struct pages: a long range, or a huge block
+        # heading any page of it (the kernel restores by the stored order).
+        if nr_pages > RESTORE_PAGE_LIMIT or any(
+            pfn <= p < pfn + nr_pages and (1 << o) > RESTORE_PAGE_LIMIT for p, o in self.magic.items()
+        ):
+            return OpResult(RESTORE_SKIPPED)
         restored = 0  # pages handed to the managed count before a failure
         for start, order in page_chunks(pfn, nr_pages, self.header):
             if not self.accepted or not self.header.is_ram(start) or start not in self.magic:
