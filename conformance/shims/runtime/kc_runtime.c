@@ -517,6 +517,20 @@ static void init_once(void)
 	sigaction(SIGILL, &sa, &previous[SIGILL]); /* UBSan built with -fsanitize-trap */
 }
 
+/* A new kernel (or program) starts with fresh struct pages: drop the span
+ * the last one touched. */
+static void forget_struct_pages(void)
+{
+	if (memmap_hi > memmap_lo) {
+		unsigned long lo = memmap_lo * sizeof(struct page) & ~4095UL;
+		unsigned long hi = memmap_hi < KC_MAX_RAM_PFN ? memmap_hi : KC_MAX_RAM_PFN;
+
+		madvise((char *)memmap + lo, hi * sizeof(struct page) - lo, MADV_DONTNEED);
+	}
+	memmap_lo = ~0UL;
+	memmap_hi = 0;
+}
+
 int kc_setup(const struct kc_header *h)
 {
 	unsigned long want;
@@ -532,14 +546,7 @@ int kc_setup(const struct kc_header *h)
 	high_used = 0;
 	memset(arena_order, 0, hdr.arena_pages ? hdr.arena_pages : KC_MAX_ARENA_PAGES);
 	memset(arena_used, 0, hdr.arena_pages ? hdr.arena_pages : KC_MAX_ARENA_PAGES);
-	if (memmap_hi > memmap_lo) {
-		unsigned long lo = memmap_lo * sizeof(struct page) & ~4095UL;
-		unsigned long hi = memmap_hi < KC_MAX_RAM_PFN ? memmap_hi : KC_MAX_RAM_PFN;
-
-		madvise((char *)memmap + lo, hi * sizeof(struct page) - lo, MADV_DONTNEED);
-	}
-	memmap_lo = ~0UL;
-	memmap_hi = 0;
+	forget_struct_pages();
 	hdr = *h;
 	arena_first_pfn = KC_ARENA_BASE_PHYS >> KC_PAGE_SHIFT;
 	want = hdr.arena_pages * PG_SIZE;
@@ -562,14 +569,7 @@ int kc_setup(const struct kc_header *h)
 
 void kc_start_kernel(int next)
 {
-	if (memmap_hi > memmap_lo) {
-		unsigned long lo = memmap_lo * sizeof(struct page) & ~4095UL;
-		unsigned long hi = memmap_hi < KC_MAX_RAM_PFN ? memmap_hi : KC_MAX_RAM_PFN;
-
-		madvise((char *)memmap + lo, hi * sizeof(struct page) - lo, MADV_DONTNEED);
-		memmap_lo = ~0UL;
-		memmap_hi = 0;
-	}
+	forget_struct_pages();
 	memset(warn_once_fired, 0, sizeof(warn_once_fired));
 	memory_init = next; /* a next kernel starts with its memory init */
 	fault_armed = !next;
