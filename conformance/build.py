@@ -158,4 +158,8 @@ def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, 
         os.rename(work, final)
     except OSError:  # another process finished the same build first: use theirs
         shutil.rmtree(work, ignore_errors=True)
+    # Builds of this source from older project inputs will not be used again.
+    for stale in final.parent.glob(f"{source.digest()[:16]}-*-ps{page_shift}-{flavor}"):
+        if stale != final and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     return Build(library=library, source=source, page_shift=page_shift, flavor=flavor, **meta)
