@@ -43,6 +43,7 @@ REC_OP, REC_WARN, REC_LOG, REC_MEMBLOCK, REC_WALK, REC_WALK_NODE, REC_MAGIC, REC
 MB_RESERVE, MB_NOINIT, MB_ADD, MB_SCRATCH, MB_FREE = range(1, 6)
 OP_BOOT = 0xFFFFFFFF
 FDT_TOTALSIZE = struct.Struct(">I")
+REC = struct.Struct("<IIQQQ")  # struct kc_rec
 
 
 def _signed(x: int) -> int:
@@ -154,7 +155,9 @@ class Harness:
     def _outcome(self, header: Header, nsteps: int, foreign: bool) -> Outcome:
         n = _ffi.new("unsigned long *")
         recs = self.lib.kc_records(n)
-        records = [(r.kind, r.op, r.a, r.b, r.c) for r in (recs[i] for i in range(n[0]))]
+        # Read the C array in place, one record at a time: a program of 10^6
+        # ops leaves millions of records, which must not become a list.
+        records = struct.iter_unpack(REC.format, _ffi.buffer(recs, n[0] * REC.size)) if n[0] else ()
         tn = _ffi.new("unsigned long *")
         tbuf = self.lib.kc_text_buffer(tn)
         text = bytes(_ffi.buffer(tbuf, tn[0])) if tn[0] else b""
