@@ -87,15 +87,15 @@ def write_bundle(b: Build, directory: Path) -> Path:
     return directory
 
 
-def harness_env(source: KernelSource, page_shift: int, flavor: str, crashes_dir: Path | None, launcher: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("KHO_FUZZ_BUNDLE", None)
+def harness_env(bundle: Path, flavor: str, crashes_dir: Path | None, launcher: Path) -> dict[str, str]:
+    """The workers' environment: they load the runner's own build (the
+    bundle), so every worker fuzzes exactly the library the run reports."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KHO_FUZZ_SOURCE", "KHO_FUZZ_KERNEL")}
     preload = sanitizer_preload(flavor)
     if preload:
         env.update(SANITIZER_ENV, LD_PRELOAD=preload)
     env.update(
-        KHO_FUZZ_SOURCE=json.dumps({**source.identity(), "root": str(source.root)}),
-        KHO_FUZZ_PAGE_SHIFT=str(page_shift), KHO_FUZZ_FLAVOR=flavor, KHO_FUZZ_ARGV0=str(launcher),
+        KHO_FUZZ_BUNDLE=str(bundle), KHO_FUZZ_ARGV0=str(launcher),
         PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")])),
     )
     if crashes_dir is not None:
@@ -152,7 +152,7 @@ def run_fuzz(source: KernelSource, page_shift: int = 12, *, corpus_dir: Path, jo
     if DICTIONARY.exists():
         cmd.append(f"-dict={DICTIONARY}")
     cmd += [f"-fork={jobs}", "-ignore_crashes=1", "-ignore_timeouts=1", "-ignore_ooms=1", *extra_args, str(corpus_dir)]
-    env = harness_env(b.source, page_shift, flavor, crashes_dir, _launcher(work))
+    env = harness_env(write_bundle(b, work / "target"), flavor, crashes_dir, _launcher(work))
 
     stats = FuzzStats()
     lines: queue.Queue[str | None] = queue.Queue()
