@@ -42,7 +42,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -763,19 +763,14 @@ def from_tarball(path: Path, *, progress: Progress | None = None) -> KernelSourc
         raise KhoConformError(f"cannot read kernel tarball {path}: {e.strerror}") from e
     # Path, size and mtime identify the tarball without reading 150 MB.
     name = "tarball_" + hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    if (hit := _load_entry(cache_dir() / "trees" / name)) is not None:
-        return hit
-    with _locked() as root:
-        if (hit := _load_entry(root / "trees" / name)) is not None:
-            return hit
-        work = Path(tempfile.mkdtemp(dir=root / "tmp"))
-        try:
-            staged = work / "tree"
-            _extract_needed(path, staged, progress)
-            _check_essentials(staged, f"kernel tarball {path}")
-            return _install_entry(root, name, staged, _makefile_version(staged) or "unknown", f"tarball:{path}")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+
+    def make(root: Path, work: Path) -> KernelSource:
+        staged = work / "tree"
+        _extract_needed(path, staged, progress)
+        _check_essentials(staged, f"kernel tarball {path}")
+        return _install_entry(root, name, staged, _makefile_version(staged) or "unknown", f"tarball:{path}")
+
+    return _cached_entry(name, make)
 
 
 def _patch_sections(text: str) -> list[tuple[str | None, str]]:
@@ -850,6 +845,33 @@ def apply_patch(source: KernelSource, patch: Path) -> KernelSource:
     provider = f"{source.provider}+patch:{patch.name}"
     key = f"{source.version}\0{provider}\0{source.digest()}\0{kept}"
     name = "patched_" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+    def make(root: Path, work: Path) -> KernelSource:
+        staged = work / "tree"
+        for rel in source.files:
+            (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source.root / rel, staged / rel)
+        (work / "kept.patch").write_bytes(kept.encode("latin-1"))
+        base = ["patch", "-p1", "--batch", "--forward", "--no-backup-if-mismatch", "-d", str(staged),
+                "-i", str(work / "kept.patch")]
+        for extra in (["--dry-run"], []):  # dry run first: never leave a half-patched tree
+            result = _run(base + extra, timeout=120)
+            if result.returncode != 0:
+                detail = [ln for ln in (result.stdout + result.stderr).splitlines()
+                          if ln.strip() and not ln.startswith(("checking file", "patching file"))]
+                raise KhoConformError(
+                    f"patch {patch} does not apply to {source.provider}: "
+                    f"{detail[0] if detail else 'patch failed'}; rebase it onto that kernel"
+                )
+        _check_essentials(staged, f"{source.provider} with {patch.name}")
+        return _install_entry(root, name, staged, source.version, provider)
+
+    return _cached_entry(name, make)
+
+
+def _cached_entry(name: str, make: Callable[[Path, Path], KernelSource]) -> KernelSource:
+    """The cache entry ``name``, or make(cache root, scratch dir) under the
+    cache lock (checked again there: another process may have made it)."""
     if (hit := _load_entry(cache_dir() / "trees" / name)) is not None:
         return hit
     with _locked() as root:
@@ -857,24 +879,7 @@ def apply_patch(source: KernelSource, patch: Path) -> KernelSource:
             return hit
         work = Path(tempfile.mkdtemp(dir=root / "tmp"))
         try:
-            staged = work / "tree"
-            for rel in source.files:
-                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source.root / rel, staged / rel)
-            (work / "kept.patch").write_bytes(kept.encode("latin-1"))
-            base = ["patch", "-p1", "--batch", "--forward", "--no-backup-if-mismatch", "-d", str(staged),
-                    "-i", str(work / "kept.patch")]
-            for extra in (["--dry-run"], []):  # dry run first: never leave a half-patched tree
-                result = _run(base + extra, timeout=120)
-                if result.returncode != 0:
-                    detail = [ln for ln in (result.stdout + result.stderr).splitlines()
-                              if ln.strip() and not ln.startswith(("checking file", "patching file"))]
-                    raise KhoConformError(
-                        f"patch {patch} does not apply to {source.provider}: "
-                        f"{detail[0] if detail else 'patch failed'}; rebase it onto that kernel"
-                    )
-            _check_essentials(staged, f"{source.provider} with {patch.name}")
-            return _install_entry(root, name, staged, source.version, provider)
+            return make(root, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
