@@ -232,7 +232,7 @@ class Fdt:
         """(tag, next offset). A malformed tag reads as FDT_END with a negative
         next offset: -TRUNCATED if the tag itself is out of range, else
         -BADSTRUCTURE."""
-        limit, base, start = self._struct_limit(), self._u32(OFF_DT_STRUCT), off
+        limit, base = self._struct_limit(), self._u32(OFF_DT_STRUCT)
         if off < 0 or off + 4 > limit:
             return FDT_END, -FDT_ERR_TRUNCATED
         tag = self._u32(base + off)

@@ -23,7 +23,7 @@ from dataclasses import replace
 import pytest
 
 from reference.outcome import EINVAL, ENOENT, ENOMEM, EOPNOTSUPP
-from reference.program import ARENA_BASE_PHYS, NOT_RUN, Op, Program, parse_program
+from reference.program import ARENA_BASE_PHYS, NOT_RUN, Program, parse_program
 
 from conftest import REPO, SERIES, child_env, get_build
 from test_harness_smoke import smoke_text

@@ -39,7 +39,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 TOTAL = 100_000
 FIRST_MARK = 10_000

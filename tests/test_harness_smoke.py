@@ -23,7 +23,6 @@ import struct
 import libfdt
 import pytest
 
-from reference.outcome import TreeNode
 from reference.program import ARENA_BASE_PHYS, NOT_RUN, RESTORE_SKIPPED, parse_program
 
 from conftest import PAGE_SHIFTS, SERIES

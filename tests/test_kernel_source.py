@@ -64,7 +64,7 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 """
     third_party = "Types: deb\nURIs: https://vendor.example/apt\nSuites: nodistro\nComponents: main\n"
     paths = _sources(tmp_path, parts={"a-vendor.sources": third_party, "debian.sources": deb822,
-                                      "ignored.list.disabled": f"deb http://other.example/debian sid main\n"})
+                                      "ignored.list.disabled": "deb http://other.example/debian sid main\n"})
     assert ks.mirror_uri(*paths) == MIRROR
 
 

@@ -34,7 +34,7 @@
 #define WARN_SITES 4096
 #define CPU_BUDGET_SECONDS 1
 
-unsigned long kc_page_offset;
+static unsigned long kc_page_offset; /* host address of phys 0 */
 static unsigned char *high_map;
 static unsigned long long high_phys[HIGH_SLOTS];
 static unsigned int high_used;

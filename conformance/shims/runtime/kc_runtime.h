@@ -22,7 +22,6 @@ struct folio {
 };
 
 /* physical memory: a direct map in which only the arena is backed */
-extern unsigned long kc_page_offset;
 void *kc_phys_to_virt(unsigned long long phys);
 unsigned long long kc_virt_to_phys(const volatile void *virt);
 
@@ -35,7 +34,6 @@ int kc_pfn_to_nid(unsigned long pfn);
 /* page allocator: lowest free naturally aligned block, fault injection */
 void *kc_alloc_pages(unsigned int order);
 void kc_free_pages(const void *addr);
-void kc_free_pages_order(const void *addr, unsigned int order);
 int kc_slab_is_available(void);
 void kc_adjust_managed(long pages);
 long kc_managed_pages(void);
