@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 KERNELS ?= 7.1 7.2 7.3
-APT_PACKAGES := clang-16 libclang-rt-16-dev device-tree-compiler binutils patch xz-utils
+APT_PACKAGES := clang-16 libclang-rt-16-dev device-tree-compiler binutils git xz-utils
 
 .PHONY: setup check test bench fuzz clean
 
@@ -18,7 +18,7 @@ $(BIN)/kho-conform: pyproject.toml
 	touch $@
 
 .apt-stamp:
-	@if ! command -v clang-16 >/dev/null || ! dpkg -s libclang-rt-16-dev >/dev/null 2>&1 || ! command -v dtc >/dev/null; then \
+	@if ! command -v clang-16 >/dev/null || ! dpkg -s libclang-rt-16-dev >/dev/null 2>&1 || ! command -v dtc >/dev/null || ! command -v git >/dev/null; then \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(APT_PACKAGES); fi
 	touch $@
 

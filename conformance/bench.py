@@ -1,7 +1,7 @@
 """``kho-conform bench``: speed and memory, printed, never asserted.
 
-(a) the C harness alone, (b) the model alone, (c) the full differential run
-(both, compared, handover checked both ways), (d) the atheris harness with
+(a) the native kernel through the binding, (b) the model alone, (c) the full differential run
+(both, compared, handover checked both ways), (d) the atheris entry point with
 native coverage, on fixed programs of 16 and 256 ops; the ratio (c)/(a); and
 time and peak memory of model and C for 10^5 and 10^6 scattered preserved
 pages (each measured in a fresh process, so peak RSS is its own).
@@ -23,7 +23,7 @@ from rich.table import Table
 
 from reference.program import Header, Op, Program, Step
 
-from .kernel_source import KernelSource
+from .source import KernelSource
 
 
 def fixed_program(n_ops: int, page_shift: int, seed: int = 1) -> Program:
@@ -79,32 +79,28 @@ def _rate(fn: Callable[[], object], seconds: float) -> float:
 # Run in a fresh interpreter so that its peak RSS belongs to one workload.
 _WORKER = """
 import json, resource, sys, time
-from conformance.bench import scattered_program
-from conformance.kernel_source import KernelSource
 from pathlib import Path
+from conformance.bench import scattered_program
+from conformance.compare.target import target_for
+from conformance.native.build import build
+from conformance.source import KernelSource
 which, n, ps, src = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 program = scattered_program(n, ps)
+target = target_for(build(KernelSource.from_identity(src, Path(src["root"])), ps))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 if which == "model":
     from reference.model import run
-    from reference.profiles import select_profile
-    from conformance.build import build
-    b = build(KernelSource(src["version"], src["provider"], Path(src["root"]), src["files"]), ps)
-    run(program, select_profile(b.compatible, b.api == "key"))
+    run(program, target.profile)
 else:
-    from conformance.binding import Harness
-    from conformance.build import build
-    b = build(KernelSource(src["version"], src["provider"], Path(src["root"]), src["files"]), ps)
-    start = time.perf_counter()
-    Harness(b).run(program)
+    target.native.run(program)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_mib": base / 1024}))
 """
 
 
 def _measure(which: str, n: int, page_shift: int, source: KernelSource) -> dict:
-    src = {"version": source.version, "provider": source.provider, "root": str(source.root), "files": source.files}
+    src = {**source.identity(), "root": str(source.root)}
     proc = subprocess.run([sys.executable, "-c", _WORKER, which, str(n), str(page_shift), json.dumps(src)],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode:
@@ -113,7 +109,7 @@ def _measure(which: str, n: int, page_shift: int, source: KernelSource) -> dict:
 
 
 def _atheris_rate(source: KernelSource, page_shift: int, seconds: int) -> float:
-    """libFuzzer's own exec/s for the atheris harness on the fuzz flavor,
+    """libFuzzer's own exec/s for the atheris entry point on the fuzz flavor,
     from the seeds, in a scratch corpus (findings go to a scratch dir too)."""
     from fuzz.runner import run_fuzz
 
@@ -126,27 +122,28 @@ def _atheris_rate(source: KernelSource, page_shift: int, seconds: int) -> float:
 def run_bench(source: KernelSource, page_shift: int, *, quick: bool, console: Console) -> dict:
     from reference import model
 
-    from .build import build
-    from .diff import compare, target_for
+    from .compare.diff import compare
+    from .compare.target import target_for
+    from .native.build import build
 
     target = target_for(build(source, page_shift))
     seconds = 0.5 if quick else 2.0
     results: dict = {"kernel": source.version, "page_shift": page_shift, "programs": {}}
     table = Table(title=f"executions per second — {source.version} ps{page_shift}")
-    for col in ("ops", "(a) C harness", "(b) model", "(c) differential", "(c)/(a)"):
+    for col in ("ops", "(a) native", "(b) model", "(c) differential", "(c)/(a)"):
         table.add_column(col, justify="right")
     for n_ops in (16, 256):
         program = fixed_program(n_ops, page_shift)
-        a = _rate(lambda: target.harness.run(program), seconds)
+        a = _rate(lambda: target.native.run(program), seconds)
         b = _rate(lambda: model.run(program, target.profile), seconds)
         c = _rate(lambda: compare(program, target), seconds)
-        results["programs"][n_ops] = {"c_harness": a, "model": b, "differential": c, "ratio_c_over_a": c / a}
+        results["programs"][n_ops] = {"native": a, "model": b, "differential": c, "ratio_c_over_a": c / a}
         table.add_row(str(n_ops), f"{a:,.0f}", f"{b:,.0f}", f"{c:,.0f}", f"{c / a:.3f}")
     console.print(table)
 
     d = _atheris_rate(source, page_shift, seconds=10 if quick else 30)
     results["atheris_exec_per_s"] = d
-    console.print(f"(d) atheris harness, fuzz flavor (native coverage, ASan+UBSan): {d:,.0f} exec/s")
+    console.print(f"(d) atheris entry point, fuzz flavor (native coverage, ASan+UBSan): {d:,.0f} exec/s")
 
     mem = Table(title="scattered preserved pages (fresh process each)")
     for col in ("pages", "model s", "model peak MiB", "C s", "C peak MiB"):

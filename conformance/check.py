@@ -21,24 +21,33 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
-from reference.geometry import geometry
+from fuzz.stats import FuzzPoint
+from reference.geometry import PAGE_SHIFTS, geometry
 from reference.keys import decode, encode
 
-from .build import build
-from .diff import Comparison, Target, compare, target_for
-from .kernel_source import KernelSource
-from .known import by_id, is_known
-from .report import Cell, CheckResult, FuzzPoint, Report
+from .compare.diff import Comparison, compare
+from .compare.target import Target, target_for
+from .compare.triage import by_id, triage
+from .native.build import build
+from .report import Cell, CheckResult, Report
+from .source import KernelSource
 
-TOOL_VERSION = "0.1.0"
+
+def tool_version() -> str:
+    """The installed distribution's version (pyproject.toml is its one source)."""
+    try:
+        return metadata.version("kho-conform")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 @dataclass(frozen=True)
 class Plan:
     sources: list[KernelSource]
-    page_shifts: tuple[int, ...] = (12, 14, 16)
+    page_shifts: tuple[int, ...] = PAGE_SHIFTS
     flavors: tuple[str, ...] = ("plain",)
     examples: int = 30  # stateful examples per cell
     fuzz_seconds: int = 20  # per (kernel, page shift); 0 = no fuzzing
@@ -59,7 +68,7 @@ def _timed(name: str, fn: Callable[[], CheckResult]) -> CheckResult:
 
 def _abi_constants(target: Target) -> CheckResult:
     geo = geometry(target.build.page_shift)
-    code = target.harness.abi_constants()
+    code = target.native.abi_constants()
     model = {"depth": geo.depth, "table_log2": geo.table_log2, "bitmap_log2": geo.bitmap_log2,
              "key_width": geo.key_width, "node_bytes": geo.page_size, "leaf_bytes": geo.page_size}
     bad = {k: (model[k], code[k]) for k in model if model[k] != code[k]}
@@ -90,8 +99,8 @@ def _abi_keys(target: Target) -> CheckResult:
     vectors = key_vectors(ps)
     for phys, order in vectors:
         want = encode(phys, order, ps)
-        got = target.harness.encode_key(phys, order)
-        back = target.harness.decode_key(got)
+        got = target.native.encode_key(phys, order)
+        back = target.native.decode_key(got)
         if got != want or back != decode(want, ps):
             return CheckResult("abi.key-encoding", "fail", detail=f"phys {phys:#x} order {order}",
                                divergence={"op_index": None, "op": f"encode({phys:#x}, {order})", "field": "key",
@@ -107,27 +116,26 @@ def _doc_compatible(target: Target) -> CheckResult:
     div = {"op_index": None, "op": "", "field": "KHO_FDT_COMPATIBLE", "expected": repr(b.doc_compatible),
            "actual": repr(b.compatible), "signature": "doc-compatible", "check": "doc"}
     known = by_id("doc-compatible-stale")
-    if known and known.affects(b.source.version):
+    if known and known.affects(b.source.release):
         return CheckResult("doc.compatible", "known", detail=f"ABI doc shows {b.doc_compatible!r}, code writes {b.compatible!r}",
                            divergence=div, known_id=known.id)
     return CheckResult("doc.compatible", "fail", detail=f"ABI doc shows {b.doc_compatible!r}, code writes {b.compatible!r}", divergence=div)
 
 
 def comparison_result(name: str, cmp: Comparison, target: Target, reproducer: str) -> CheckResult:
-    """A differential run as a check: pass, known (the first divergence is a
-    known bug on this version; what follows it is its consequence) or fail."""
-    if cmp.ok:
+    """A differential run as a check, by the triage policy."""
+    verdict = triage(cmp, target.build.source.release)
+    if verdict.status == "pass":
         return CheckResult(name, "pass", detail=f"{len(cmp.program.steps)} ops agree")
-    first = cmp.first
-    known = is_known(first, target.build.source.version)
+    d = verdict.divergence
     return CheckResult(
-        name, "known" if known else "fail", detail=first.line()[:300], divergence=first.to_json(),
-        known_id=known.id if known else "", reproducer=reproducer,
+        name, verdict.status, detail=d.line()[:300], divergence=d.to_json(),
+        known_id=",".join(k.id for k in verdict.known), reproducer=reproducer,
     )
 
 
 def _scenario_checks(target: Target, plan: Plan, out: Path) -> Iterator[CheckResult]:
-    from .scenarios import scenarios
+    from .programs.scenarios import scenarios
 
     ps = target.build.page_shift
     programs = out / "programs" / f"ps{ps}"
@@ -140,7 +148,7 @@ def _scenario_checks(target: Target, plan: Plan, out: Path) -> Iterator[CheckRes
 
 
 def _stateful(target: Target, plan: Plan) -> CheckResult:
-    from .stateful import run_stateful
+    from .programs.machine import run_stateful
 
     ok, detail = run_stateful(target, max_examples=plan.examples, seed=0)
     return CheckResult("stateful", "pass" if ok else "fail", detail=detail[:300])
@@ -191,7 +199,7 @@ def run_check(plan: Plan, out: Path, progress: Callable[[str], None] = lambda s:
                 cells.append(Cell(source.version, ps, flavor, source.identity(), checks, timeline,
                                   build_seconds=round(time.monotonic() - start, 1)))
     return Report(title="KHO radix tree conformance", created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  tool_version=TOOL_VERSION, cells=cells, notes=_notes(cells))
+                  tool_version=tool_version(), cells=cells, notes=_notes(cells))
 
 
 def _notes(cells: list[Cell]) -> list[str]:

@@ -9,7 +9,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from reference.geometry import PAGE_SHIFTS
+
 from .errors import KhoConformError
+from .source.versions import DEFAULT_KERNEL
 
 console = Console(stderr=True)
 out = Console(soft_wrap=True)
@@ -17,23 +20,30 @@ out = Console(soft_wrap=True)
 
 def _kernel_args(p: argparse.ArgumentParser, page_shift_default: int | None = 12) -> None:
     g = p.add_argument_group("kernel source (one of)")
-    g.add_argument("--kernel", metavar="VERSION", help="Debian kernel source by version: 7.1, 7.2.13, 7.3 (default 7.2)")
+    g.add_argument("--kernel", metavar="VERSION", help=f"Debian kernel source by version: 7.1, 7.2.13, 7.3 (default {DEFAULT_KERNEL})")
     g.add_argument("--kernel-tree", metavar="PATH", type=Path, help="a local kernel tree, used read-only")
     g.add_argument("--kernel-tarball", metavar="PATH", type=Path, help="a kernel source tarball")
-    g.add_argument("--patch", metavar="FILE", type=Path, help="apply this patch to a scratch copy of the source first")
-    p.add_argument("--page-shift", type=int, choices=(12, 14, 16), default=page_shift_default,
+    _patch_args(g)
+    p.add_argument("--page-shift", type=int, choices=PAGE_SHIFTS, default=page_shift_default,
                    help="kernel PAGE_SHIFT (default: %(default)s)" if page_shift_default else "kernel PAGE_SHIFT (default: the finding's, else 12)")
 
 
-def _source(args: argparse.Namespace):
-    from .kernel_source import resolve
+def _patch_args(g) -> None:
+    g.add_argument("--patch", metavar="PATH", type=Path,
+                   help="a diff, an mbox (b4 am, git format-patch --stdout) or a git format-patch directory, "
+                        "applied in order to a scratch copy of the source")
+    g.add_argument("--commits", metavar="A..B", help="with --kernel-tree: test the tree's git range A..B (applied to A)")
 
-    return resolve(args.kernel, args.kernel_tree, args.kernel_tarball, args.patch)
+
+def _source(args: argparse.Namespace):
+    from .source import resolve
+
+    return resolve(args.kernel, args.kernel_tree, args.kernel_tarball, args.patch, commits=args.commits)
 
 
 def _reproduce_flags(args: argparse.Namespace) -> str:
     parts = []
-    for flag in ("kernel", "kernel_tree", "kernel_tarball", "patch"):
+    for flag in ("kernel", "kernel_tree", "kernel_tarball", "patch", "commits"):
         value = getattr(args, flag, None)
         if value:
             parts.append(f"--{flag.replace('_', '-')} {value}")
@@ -41,9 +51,9 @@ def _reproduce_flags(args: argparse.Namespace) -> str:
 
 
 def _target(args: argparse.Namespace, flavor: str = "plain"):
-    from .binding import ensure_process_for
-    from .build import build
-    from .diff import target_for
+    from .compare.target import target_for
+    from .native.build import build
+    from .native.sanitizer import ensure_process_for
 
     ensure_process_for(flavor)
     return target_for(build(_source(args), args.page_shift, flavor))
@@ -52,7 +62,7 @@ def _target(args: argparse.Namespace, flavor: str = "plain"):
 def cmd_kernel(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .kernel_source import fetch, list_available, list_cached
+    from .source import fetch, list_available, list_cached
 
     if args.action == "fetch":
         for version in args.versions:
@@ -79,7 +89,7 @@ def cmd_kernel(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build import build
+    from .native.build import build
 
     src = _source(args)
     with console.status(f"building {src.version} ps{args.page_shift} {args.flavor}"):
@@ -95,17 +105,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from .check import Plan, run_check
-    from .kernel_source import resolve
     from .report import exit_status, summary_table, write_report
+    from .source import resolve
 
     if "asan" in args.flavor:
-        from .binding import ensure_process_for
+        from .native.sanitizer import ensure_process_for
 
         ensure_process_for("asan")
     if args.kernel_tree or args.kernel_tarball:
-        sources = [resolve(None, args.kernel_tree, args.kernel_tarball, args.patch)]
+        sources = [resolve(None, args.kernel_tree, args.kernel_tarball, args.patch, commits=args.commits)]
     else:
-        sources = [resolve(k, None, None, args.patch) for k in (args.kernel or ["7.2"])]
+        sources = [resolve(k, None, None, args.patch) for k in (args.kernel or [DEFAULT_KERNEL])]
     plan = Plan(sources=sources, page_shifts=tuple(args.page_shift), flavors=tuple(args.flavor), examples=args.examples,
                 fuzz_seconds=args.fuzz_time, crashes_dir=args.crashes, work_dir=args.out / "fuzz",
                 reproduce_flags=" ".join(f"--kernel {s.version}" for s in sources[:1]) if not (args.kernel_tree or args.kernel_tarball) else _reproduce_flags(args))
@@ -196,7 +206,7 @@ def parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("kernel", help="fetch kernel sources into the cache, or list them")
     k.add_argument("action", choices=("fetch", "list"))
-    k.add_argument("versions", nargs="*", default=["7.2"], help="versions to fetch (default 7.2)")
+    k.add_argument("versions", nargs="*", default=[DEFAULT_KERNEL], help=f"versions to fetch (default {DEFAULT_KERNEL})")
     k.set_defaults(fn=cmd_kernel)
 
     b = sub.add_parser("build", help="build the kernel's KHO code as a userspace library; print its path and source identity")
@@ -206,11 +216,11 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_build)
 
     c = sub.add_parser("check", help="the conformance matrix: kernels x page shifts x flavors, with a report")
-    c.add_argument("--kernel", action="append", metavar="VERSION", help="kernel version; repeat for several (default 7.2)")
+    c.add_argument("--kernel", action="append", metavar="VERSION", help=f"kernel version; repeat for several (default {DEFAULT_KERNEL})")
     c.add_argument("--kernel-tree", type=Path, metavar="PATH")
     c.add_argument("--kernel-tarball", type=Path, metavar="PATH")
-    c.add_argument("--patch", type=Path, metavar="FILE")
-    c.add_argument("--page-shift", type=int, nargs="+", choices=(12, 14, 16), default=[12, 14, 16])
+    _patch_args(c)
+    c.add_argument("--page-shift", type=int, nargs="+", choices=PAGE_SHIFTS, default=list(PAGE_SHIFTS))
     c.add_argument("--flavor", nargs="+", choices=("plain", "asan"), default=["plain", "asan"])
     c.add_argument("--examples", type=int, default=30, help="stateful examples per cell (default %(default)s)")
     c.add_argument("--fuzz-time", type=int, default=20, metavar="SECONDS", help="fuzzing per kernel and page shift (default %(default)s; 0: none)")
@@ -243,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, default=Path("reports"))
     rep.set_defaults(fn=cmd_report)
 
-    be = sub.add_parser("bench", help="executions per second and memory of the harness, the model and the differential run")
+    be = sub.add_parser("bench", help="executions per second and memory of the native kernel, the model and the differential run")
     _kernel_args(be)
     be.add_argument("--quick", action="store_true", help="fewer iterations")
     be.set_defaults(fn=cmd_bench)

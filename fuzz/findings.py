@@ -1,4 +1,4 @@
-"""Findings on disk, and the readable trace of a comparison.
+"""Findings on disk.
 
 A finding is one divergence signature: ``<crashes>/<signature>/`` holds
 
@@ -23,32 +23,22 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from conformance.diff import Comparison, Target, compare
-from reference.outcome import NextKernel, OpResult
+from conformance.compare.diff import Comparison, compare
+from conformance.compare.target import Target
+from conformance.compare.trace import trace
+from conformance.compare.triage import triage
 from reference.program import Program
 
 FINDING_FILES = ("program.txt", "original.txt", "finding.json", "trace.txt")
-MARK = "<== first divergence"
-
-
-def is_known(comparison: Comparison, version: str) -> bool:
-    """Whether the first divergence is a triaged finding on this version
-    (conformance.known; without it nothing is known)."""
-    try:
-        from conformance.known import is_known as known
-    except ImportError:
-        return False
-    return comparison.first is not None and known(comparison.first, version) is not None
-
-
 def save_finding(root: Path, program: Program, comparison: Comparison, target: Target,
                  raw: bytes | None = None) -> Path | None:
     """Save ``program`` (the minimized reproducer of ``comparison``, which is
     the run of the original input) under ``root/<signature>``. None when the
-    divergence is known on this kernel or the signature is already saved."""
-    first = comparison.first
-    if first is None or is_known(comparison, target.build.source.version):
+    comparison is not a new failure or the signature is already saved."""
+    verdict = triage(comparison, target.build.source.release)
+    if verdict.status != "fail":
         return None
+    first = verdict.divergence
     dest = Path(root) / first.signature
     if dest.exists():
         return None
@@ -113,61 +103,3 @@ def needs_sanitizer(finding: dict) -> bool:
     the plain flavor reports too)."""
     return finding.get("flavor", "plain") != "plain" and any(
         not e.startswith(("fault:", "timeout:")) for e in finding.get("events", ()))
-
-
-# ---- trace ------------------------------------------------------------------
-
-
-def _result(r: OpResult | None) -> str:
-    if r is None:
-        return "-"
-    parts = [f"rc={r.rc}"]
-    if r.value:
-        parts.append(f"v={r.value:#x}")
-    if r.value2:
-        parts.append(f"v2={r.value2:#x}")
-    if r.warnings:
-        # "function:line" only: a kernel site also carries its WARN condition, a
-        # piece of kernel source that findings (committed files) must not hold.
-        parts.append("warn=" + ",".join(":".join(w.split(":")[:2]) for w in r.warnings))
-    return " ".join(parts)
-
-
-def _next_summary(n: NextKernel | None) -> str:
-    if n is None:
-        return "no next kernel"
-    if not n.accepted:
-        return f"refused the handover: {n.reason or '?'}"
-    return (f"accepted; walk {len(n.walk)} blocks, reserved {len(n.reserved)}, noinit {len(n.noinit)}, "
-            f"scratch marks {len(n.scratch_marks)}, magic heads {len(n.magic)}, phantom pages {len(n.phantom)}")
-
-
-def trace(comparison: Comparison, target: Target | None = None) -> str:
-    """Header, every op with the model's and the kernel's results side by
-    side (the first divergence marked), then all divergences, the kernel's
-    events and both next kernels."""
-    c = comparison
-    lines = []
-    if target is not None:
-        src = target.build.source
-        lines.append(f"kernel {src.version} ({src.provider}) ps{target.build.page_shift} {target.build.flavor}; "
-                     f"model profile {target.profile.name}")
-    header, _, _ = c.program.text().partition("---\n")
-    lines += ["", *header.splitlines(), ""]
-    width = max([len(s.text()) for s in c.program.steps] + [10])
-    mark_at = c.first.op_index if c.first else None
-    mark_boot = c.first is not None and c.first.op_index is None
-    lines.append(f"{'#':>4}  {'op':<{width}}  {'model':<28}  kernel")
-    lines.append(f"{'boot':>4}  {'':<{width}}  {_result(c.model.boot):<28}  {_result(c.kernel.boot)}"
-                 + (f"  {MARK}" if mark_boot else ""))
-    for i, step in enumerate(c.program.steps):
-        m = c.model.ops[i] if i < len(c.model.ops) else None
-        k = c.kernel.ops[i] if i < len(c.kernel.ops) else None
-        mark = f"  {MARK}" if i == mark_at else ""
-        lines.append(f"{i:>4}  {step.text():<{width}}  {_result(m):<28}  {_result(k)}{mark}")
-    lines += ["", f"divergences ({len(c.divergences)}):" if c.divergences else "no divergence"]
-    lines += [f"  {d.line()}  [{d.signature}]" for d in c.divergences]
-    if c.kernel.events:
-        lines += ["", "kernel events:", *(f"  {e}" for e in c.kernel.events)]
-    lines += ["", "next kernel:", f"  model:  {_next_summary(c.model.next)}", f"  kernel: {_next_summary(c.kernel.next)}"]
-    return "\n".join(lines) + "\n"

@@ -8,25 +8,34 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from conformance.diff import Target, compare
+from conformance.compare.diff import compare
+from conformance.compare.target import Target
+from conformance.compare.trace import trace
+from conformance.compare.triage import triage
 from conformance.errors import KhoConformError
 from reference.program import Header, Program, ProgramError, Step, parse_program
 
 from .decode import decode
-from .findings import load_finding, trace
+from .findings import load_finding
 
 Predicate = Callable[[Program], bool]
 
 
+def signature_of(target: Target, program: Program) -> str | None:
+    """The signature a comparison is filed under: its first unexplained
+    divergence's, else its first divergence's (None: no divergence)."""
+    c = compare(program, target)
+    return None if c.ok else triage(c, target.build.source.release).divergence.signature
+
+
 def signature_predicate(target: Target, signature: str) -> Predicate:
-    """True for programs whose first divergence on ``target`` has ``signature``."""
+    """True for programs filed under ``signature`` on ``target``."""
 
     def still_fails(program: Program) -> bool:
         try:
-            first = compare(program, target).first
-        except KhoConformError:  # e.g. a header the harness refuses
+            return signature_of(target, program) == signature
+        except KhoConformError:  # e.g. a header the driver refuses
             return False
-        return first is not None and first.signature == signature
 
     return still_fails
 
@@ -180,11 +189,14 @@ def replay(path: Path, target: Target, as_json: bool = False) -> tuple[str, bool
     still has the recorded signature."""
     program, finding = load_input(path, target.build.page_shift)
     c = compare(_for_target(program, target, path), target)
+    verdict = triage(c, target.build.source.release)
+    signature = verdict.divergence.signature if verdict.divergence else None
     expected = finding["signature"] if finding else None
-    same = expected is not None and c.first is not None and c.first.signature == expected
+    same = expected is not None and signature == expected
     if as_json:
         out = {
             "input": str(path), "kernel": target.build.identity(), "profile": target.profile.name, "ok": c.ok,
+            "verdict": verdict.status, "known": [k.id for k in verdict.known], "signature": signature,
             "program": program.text(), "divergences": [d.to_json() for d in c.divergences],
             "recorded_signature": expected, "reproduced": same if finding else None,
             "model": [r.__dict__ for r in c.model.ops], "kernel_ops": [r.__dict__ for r in c.kernel.ops],
@@ -192,22 +204,23 @@ def replay(path: Path, target: Target, as_json: bool = False) -> tuple[str, bool
         }
         return json.dumps(out, indent=1, default=list), not c.ok
     text = trace(c, target)
+    text += f"\nverdict: {verdict.status}" + (f" ({', '.join(k.id for k in verdict.known)})" if verdict.known else "") + "\n"
     if finding:
-        verdict = "reproduced" if same else ("diverges differently" if c.first else "no longer diverges")
-        text += f"\nrecorded signature {expected}: {verdict}\n"
+        outcome = "reproduced" if same else ("diverges differently" if signature else "no longer diverges")
+        text += f"recorded signature {expected}: {outcome}\n"
     return text, not c.ok
 
 
 def minimize_file(path: Path, target: Target, out: Path | None = None) -> Path:
     """Minimize the input at ``path`` (as ``replay`` reads it), keeping its
-    first divergence's signature; write the program text to ``out``
-    (default: ``<name>.min.txt`` beside it, ``program.min.txt`` in a finding)."""
+    signature; write the program text to ``out`` (default: ``<name>.min.txt``
+    beside it, ``program.min.txt`` in a finding)."""
     path = Path(path)
     program, _ = load_input(path, target.build.page_shift)
-    first = compare(_for_target(program, target, path), target).first
-    if first is None:
+    signature = signature_of(target, _for_target(program, target, path))
+    if signature is None:
         raise KhoConformError(f"{path} does not diverge on {target.label}: nothing to minimize")
-    small = minimize(program, signature_predicate(target, first.signature))
+    small = minimize(program, signature_predicate(target, signature))
     if out is None:
         out = path / "program.min.txt" if path.is_dir() else path.with_name(path.stem + ".min.txt")
     out.write_text(small.text())

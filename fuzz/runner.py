@@ -1,4 +1,4 @@
-"""Continuous fuzzing: the atheris harness under libFuzzer, with a resumable
+"""Continuous fuzzing: the atheris entry point (``fuzz.entry``) under libFuzzer, with a resumable
 corpus, a time budget and live stats.
 
 libFuzzer's own fork mode (``-fork=N -ignore_crashes=1``) runs the workers,
@@ -6,13 +6,12 @@ even for one job: a sanitizer abort or a hang in the kernel code ends only
 that worker, whose input libFuzzer keeps (``crash-*``/``timeout-*`` in the
 work directory, listed in ``FuzzStats.crash_inputs``), and every worker's
 corpus is merged back into the corpus directory. Divergences never end a
-worker: the harness saves them itself, atomically, so an interrupted run
+worker: the entry point saves them itself, atomically, so an interrupted run
 loses nothing.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import re
@@ -22,26 +21,25 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from conformance.binding import SANITIZER_ENV, sanitizer_preload
-from conformance.build import Build, build
+from conformance.corpus import seeds_dir
 from conformance.errors import KhoConformError
-from conformance.kernel_source import KernelSource
-from conformance.report import FuzzPoint  # one timeline point, as reports plot it
+from conformance.native.build import build, save_bundle
+from conformance.native.sanitizer import SANITIZER_ENV, sanitizer_preload
+from conformance.source import KernelSource
 
 from .findings import iter_findings
+from .stats import FuzzPoint, FuzzStats
 
 FUZZ_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = FUZZ_DIR.parent
-HARNESS = FUZZ_DIR / "harness.py"
+ENTRY = FUZZ_DIR / "entry.py"
 DICTIONARY = FUZZ_DIR / "kho.dict"
-SEEDS = PROJECT_ROOT / "corpus" / "seeds"
 MAX_LEN = 1024  # bytes: the decoder reads ~20 per op, so this covers the longest programs
 TAIL = 40  # lines of libFuzzer output kept for error messages
 
@@ -50,44 +48,7 @@ TAIL = 40  # lines of libFuzzer output kept for error messages
 _STATS = re.compile(r"^#(\d+):?\s+(?:\w+\s+)?cov: (\d+) ft: (\d+) corp: (\d+)\S*.*?exec/s:? (\d+)")
 
 
-@dataclass
-class FuzzStats:
-    execs: int = 0
-    exec_per_s: float = 0.0  # the latest libFuzzer figure
-    coverage: int = 0
-    features: int = 0
-    corpus: int = 0
-    findings: int = 0  # finding directories in the crashes dir
-    seconds: float = 0.0
-    new_findings: list[Path] = field(default_factory=list)
-    timeline: list[FuzzPoint] = field(default_factory=list)
-    crash_inputs: list[Path] = field(default_factory=list)  # inputs that killed a worker
-    interrupted: bool = False
-
-    @property
-    def mean_exec_per_s(self) -> float:
-        return self.execs / self.seconds if self.seconds else 0.0
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "new_findings": [str(p) for p in self.new_findings],
-                "crash_inputs": [str(p) for p in self.crash_inputs]}
-
-
-def write_bundle(b: Build, directory: Path) -> Path:
-    """A self-contained target for the harness (``KHO_FUZZ_BUNDLE``): the
-    library and what ``target_for`` needs, for machines without the cache."""
-    directory.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(b.library, directory / "libkho.so")
-    meta = {
-        "source": b.source.identity(),
-        "build": {"page_shift": b.page_shift, "flavor": b.flavor, "compiler": b.compiler, "api": b.api,
-                  "compatible": b.compatible, "doc_compatible": b.doc_compatible, "unit_bytes": b.unit_bytes},
-    }
-    (directory / "target.json").write_text(json.dumps(meta, indent=1) + "\n")
-    return directory
-
-
-def harness_env(bundle: Path, flavor: str, crashes_dir: Path | None, launcher: Path) -> dict[str, str]:
+def worker_env(bundle: Path, flavor: str, crashes_dir: Path | None, launcher: Path) -> dict[str, str]:
     """The workers' environment: they load the runner's own build (the
     bundle), so every worker fuzzes exactly the library the run reports."""
     env = {k: v for k, v in os.environ.items() if k not in ("KHO_FUZZ_SOURCE", "KHO_FUZZ_KERNEL")}
@@ -106,16 +67,16 @@ def harness_env(bundle: Path, flavor: str, crashes_dir: Path | None, launcher: P
 def _launcher(directory: Path) -> Path:
     """The command libFuzzer's fork mode re-runs for each worker: this
     Python, whatever ``python3`` the PATH would pick."""
-    path = directory / "kho-fuzz-harness"
-    path.write_text(f"#!/bin/sh\nexec '{sys.executable}' '{HARNESS}' \"$@\"\n")
+    path = directory / "kho-fuzz-entry"
+    path.write_text(f"#!/bin/sh\nexec '{sys.executable}' '{ENTRY}' \"$@\"\n")
     path.chmod(0o755)
     return path
 
 
 def _seed(corpus_dir: Path) -> None:
     corpus_dir.mkdir(parents=True, exist_ok=True)
-    if not any(corpus_dir.iterdir()) and SEEDS.is_dir():
-        for seed in SEEDS.glob("*.bin"):
+    if not any(corpus_dir.iterdir()) and seeds_dir().is_dir():
+        for seed in seeds_dir().glob("*.bin"):
             shutil.copy2(seed, corpus_dir / seed.name)
 
 
@@ -147,12 +108,12 @@ def run_fuzz(source: KernelSource, page_shift: int = 12, *, corpus_dir: Path, jo
     work.mkdir(parents=True, exist_ok=True)
     before = set(iter_findings(crashes_dir))
     artifacts_before = set(_artifacts(work))
-    cmd = [sys.executable, str(HARNESS), f"-max_total_time={seconds}", f"-max_len={MAX_LEN}", "-print_final_stats=1",
+    cmd = [sys.executable, str(ENTRY), f"-max_total_time={seconds}", f"-max_len={MAX_LEN}", "-print_final_stats=1",
            f"-artifact_prefix={work}/"]
     if DICTIONARY.exists():
         cmd.append(f"-dict={DICTIONARY}")
     cmd += [f"-fork={jobs}", "-ignore_crashes=1", "-ignore_timeouts=1", "-ignore_ooms=1", *extra_args, str(corpus_dir)]
-    env = harness_env(write_bundle(b, work / "target"), flavor, crashes_dir, _launcher(work))
+    env = worker_env(save_bundle(b, work / "target"), flavor, crashes_dir, _launcher(work))
 
     stats = FuzzStats()
     lines: queue.Queue[str | None] = queue.Queue()

@@ -1,6 +1,6 @@
 """The old kernel's physical memory: an arena of pages and its allocator.
 
-Policy shared with the C harness (program.py): ``arena_pages`` pages at
+Policy shared with the native runtime (program.py): ``arena_pages`` pages at
 ``ARENA_BASE_PHYS``; page 0 holds the scratch descriptors; single-page
 allocations take the lowest free page from page 1 on; the N-th allocation
 attempt fails when the header asks for it; allocated pages are zeroed.

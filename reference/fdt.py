@@ -362,6 +362,11 @@ class Fdt:
             pos += 4  # pre-v16 values of 8 bytes or more start 8-aligned
         return pos, n
 
+    def value_offset(self, node: int, name: str | bytes) -> int:
+        """Where ``name``'s value starts in the buffer (its length word is 8
+        bytes before it), or -1 when the property is absent."""
+        return self._prop_value(node, name)[0]
+
     def getprop(self, node: int, name: str | bytes) -> tuple[bytes | None, int]:
         """fdt_getprop: (value, length) or (None, error). A value running past
         the buffer is cut at its end (``length`` still says what C saw)."""

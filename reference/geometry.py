@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
+# The page sizes the model covers (4, 16 and 64 KiB: every Linux architecture's).
+PAGE_SHIFTS = (12, 14, 16)
+
 
 @dataclass(frozen=True)
 class Geometry:

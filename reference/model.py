@@ -14,7 +14,7 @@ Model policies, in one place:
 - the next kernel refuses a tree holding keys wider than the key width, and an
   image of another page size;
 - a refused handover reports only ``accepted`` and ``reason``;
-- ``NextKernel.magic`` is the state at handover, before any restore;
+- ``NextBoot.magic`` is the state at handover, before any restore;
 - new-kernel ops in a kernel without an accepted handover (before kexec, after
   a failed or refused one) find no magic and no subtrees; a second kexec and
   old-kernel ops after kexec get -EOPNOTSUPP.
@@ -30,21 +30,10 @@ from .fdt import Fdt, kho_add_subtree, kho_remove_subtree, kho_root_fdt
 from .geometry import Geometry, geometry
 from .image import PageStore, page_reader, scratch_entries
 from .keys import decode, in_domain, page_chunks, pfn_key, range_in_domain
-from .outcome import EINVAL, ENOENT, ENOMEM, EOPNOTSUPP, ERANGE, Image, NextKernel, OpResult, Outcome, TreeNode
+from .outcome import EINVAL, ENOENT, ENOMEM, EOPNOTSUPP, ERANGE, Image, NextBoot, OpResult, Outcome, TreeNode
 from .profiles import Profile
-from .program import (
-    ARENA_BASE_PHYS,
-    NEW_KERNEL_OPS,
-    RESTORE_PAGE_LIMIT,
-    RESTORE_SKIPPED,
-    WARN_CAP,
-    Header,
-    Op,
-    Program,
-    Step,
-)
+from .program import ARENA_BASE_PHYS, NEW_KERNEL_OPS, RESTORE_PAGE_LIMIT, RESTORE_SKIPPED, WARN_CAP, Header, Op, Program, Step
 from .tree import RadixTree, TreeError, leaf_bits, traverse
-
 
 OK = OpResult()
 UNSUPPORTED = OpResult(-EOPNOTSUPP)
@@ -90,7 +79,7 @@ class OldKernel:
         self.fdt_phys = 0
         self.pokes: list[Step] = []
         # New-kernel ops run here see a kernel that received no handover.
-        self.no_handover = NewKernel(header, accepted=False, magic={}, fdt=None, booted=False)
+        self.no_handover = NextKernel(header, accepted=False, magic={}, fdt=None, booted=False)
 
     def boot(self) -> OpResult:
         """KHO init. On failure KHO stays disabled; what was allocated no
@@ -213,7 +202,7 @@ class OldKernel:
 # ---- next kernel -------------------------------------------------------------
 
 
-class NewKernel:
+class NextKernel:
     """A kernel after boot: the restore side of KHO."""
 
     def __init__(self, header: Header, accepted: bool, magic: dict[int, int], fdt: Fdt | None, booted: bool = True) -> None:
@@ -260,7 +249,7 @@ class NewKernel:
         this range under this machine's NUMA layout; blocks restored before a
         mismatch stay restored."""
         pfn = phys >> self.header.page_shift
-        # The harness does not run restores that would initialise more than
+        # The driver does not run restores that would initialise more than
         # RESTORE_PAGE_LIMIT struct pages: a long range, or a huge block
         # heading any page of it (the kernel restores by the stored order).
         if nr_pages > RESTORE_PAGE_LIMIT or any(
@@ -294,13 +283,13 @@ def _u64(data: bytes) -> int:
     return int.from_bytes(data[:8], "little")
 
 
-def handover(image: Image, header: Header, profile: Profile) -> tuple[NextKernel, dict[int, int], Fdt | None]:
+def handover(image: Image, header: Header, profile: Profile) -> tuple[NextBoot, dict[int, int], Fdt | None]:
     """Boot of the next kernel on ``image``: validate it, walk the preserved
     map, and record what memblock would be told. Any image, never raises:
     a bad one gives ``accepted=False`` and a reason (and nothing else)."""
 
-    def reject(reason: str) -> tuple[NextKernel, dict[int, int], None]:
-        return NextKernel(accepted=False, reason=reason), {}, None
+    def reject(reason: str) -> tuple[NextBoot, dict[int, int], None]:
+        return NextBoot(accepted=False, reason=reason), {}, None
 
     geo = geometry(header.page_shift)
     if image.page_shift != header.page_shift:
@@ -345,7 +334,7 @@ def handover(image: Image, header: Header, profile: Profile) -> tuple[NextKernel
     if profile.key_api:
         busy = list(blocks) + [(p, geo.page_size) for p in node_pages]
         scratch_marks += _free_gib_blocks(busy, _end_of_dram(header))
-    next_kernel = NextKernel(
+    next_boot = NextBoot(
         accepted=True,
         walk=walk,
         walk_nodes=node_pages if profile.key_api else (),
@@ -354,7 +343,7 @@ def handover(image: Image, header: Header, profile: Profile) -> tuple[NextKernel
         scratch_marks=tuple(scratch_marks),
         phantom=tuple(phantom),
     )
-    return next_kernel, magic, fdt
+    return next_boot, magic, fdt
 
 
 def _end_of_dram(header: Header) -> int:
@@ -385,14 +374,14 @@ def _free_gib_blocks(busy: list[tuple[int, int]], end_of_dram: int) -> list[tupl
 # ---- programs ------------------------------------------------------------------
 
 
-def restore(image: Image, steps: tuple[Step, ...] | list[Step], header: Header, profile: Profile) -> tuple[NextKernel, list[OpResult]]:
+def restore(image: Image, steps: tuple[Step, ...] | list[Step], header: Header, profile: Profile) -> tuple[NextBoot, list[OpResult]]:
     """Boot a next kernel on ``image`` (from the model or from the C code) and
     run ``steps`` on it. The returned ``magic`` is the state at handover."""
-    next_kernel, magic, fdt = handover(image, header, profile)
+    next_boot, magic, fdt = handover(image, header, profile)
     at_handover = tuple(sorted(magic.items()))
-    kernel = NewKernel(header, next_kernel.accepted, dict(magic), fdt)
+    kernel = NextKernel(header, next_boot.accepted, dict(magic), fdt)
     results = [kernel.apply(s) for s in steps]
-    return replace(next_kernel, magic=at_handover), results
+    return replace(next_boot, magic=at_handover), results
 
 
 def run(program: Program, profile: Profile) -> Outcome:
@@ -406,7 +395,7 @@ def run(program: Program, profile: Profile) -> Outcome:
     if kexec is not None and old.enabled:
         old.corrupt_image()
     snap = old.snapshot()
-    next_kernel = None
+    next_boot = None
     if kexec is not None:
         after = program.steps[kexec + 1 :]
         if snap.image is None:
@@ -414,8 +403,8 @@ def run(program: Program, profile: Profile) -> Outcome:
             ops.append(UNSUPPORTED)
             ops += [old.apply(s) for s in after]
         else:
-            next_kernel, results = restore(snap.image, after, header, profile)
-            ops.append(OK if next_kernel.accepted else OpResult(-EINVAL))
+            next_boot, results = restore(snap.image, after, header, profile)
+            ops.append(OK if next_boot.accepted else OpResult(-EINVAL))
             ops += results
     return Outcome(
         boot=boot,
@@ -425,5 +414,5 @@ def run(program: Program, profile: Profile) -> Outcome:
         node_pages=snap.node_pages,
         fdt=snap.fdt,
         image=snap.image,
-        next=next_kernel,
+        next=next_boot,
     )

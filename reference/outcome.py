@@ -18,12 +18,17 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-EOPNOTSUPP = 95
-EINVAL = 22
-ENOMEM = 12
+# Linux errno values (asm-generic/errno-base.h, errno.h) the KHO code returns.
 ENOENT = 2
+E2BIG = 7
+ENOMEM = 12
 EEXIST = 17
+EINVAL = 22
 ERANGE = 34
+EOPNOTSUPP = 95
+EADDRNOTAVAIL = 99
+ERRNO = {"ENOENT": ENOENT, "E2BIG": E2BIG, "ENOMEM": ENOMEM, "EEXIST": EEXIST, "EINVAL": EINVAL,
+         "ERANGE": ERANGE, "EOPNOTSUPP": EOPNOTSUPP, "EADDRNOTAVAIL": EADDRNOTAVAIL}
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,10 @@ class Image:
 
 
 @dataclass(frozen=True)
-class NextKernel:
+class NextBoot:
+    """What the next kernel's boot made of the handover: whether it took
+    it, and the map of preserved memory it rebuilt (the restored map)."""
+
     accepted: bool
     reason: str = ""  # why the handover was refused (model) or the kernel's log (C)
     walk: tuple[tuple[int, int], ...] = ()  # (phys, order) in walk order
@@ -86,7 +94,7 @@ class Outcome:
     node_pages: dict[int, bytes] = field(default_factory=dict)
     fdt: bytes = b""
     image: Image | None = None
-    next: NextKernel | None = None
+    next: NextBoot | None = None
     # Sanitizer reports, faults, accesses outside the arena: each is a finding.
     events: tuple[str, ...] = ()
     event_ops: tuple[int | None, ...] = ()  # the op each event happened in (None: boot)

@@ -1,17 +1,13 @@
-"""The op language: one definition shared by the model, the C harness, the
+"""The op language: one definition shared by the model, the native driver, the
 fuzzers and the corpus.
 
 A program is a header (page shift, RAM layout, NUMA layout, scratch areas,
 fault injection, arena size) and a list of ops. Ops before ``kexec`` run in the
 old kernel, ops after it in the next kernel.
 
-Three forms, all lossless:
-
-- ``Program`` objects (this module);
-- the text form, one op per line, which traces print and people write;
-- the packed binary form handed to the C harness in one call
-  (``pack``/``C_DECLARATIONS``; the C side includes the declarations this
-  module generates, so the two can never disagree).
+Two forms, both lossless: ``Program`` objects (this module) and the text
+form, one op per line, which traces print and people write. (The packed form
+the kernel's C code reads is the native stage's: conformance/native/contract.py.)
 
 Physical memory model shared by both implementations: the old kernel allocates
 tree nodes, the FDT page and its other pages from an *arena* of
@@ -24,9 +20,10 @@ to the ``ram`` ranges of the header.
 from __future__ import annotations
 
 import shlex
-import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
+
+from .geometry import PAGE_SHIFTS
 
 ARENA_BASE_PHYS = 0x4000_0000  # 1 GiB: aligned for every supported page size
 MAX_RAM_RANGES = 8
@@ -158,9 +155,9 @@ class Header:
         return lo <= pfn < hi or any(s <= pfn < e for s, e in self.ram)
 
     def validate(self) -> None:
-        """Raise ProgramError if the header is outside what the harness models."""
-        if self.page_shift not in (12, 14, 16):
-            raise ProgramError(f"page_shift {self.page_shift}: use 12, 14 or 16")
+        """Raise ProgramError if the header is outside what the native runtime models."""
+        if self.page_shift not in PAGE_SHIFTS:
+            raise ProgramError(f"page_shift {self.page_shift}: use one of {', '.join(map(str, PAGE_SHIFTS))}")
         if not 2 <= self.arena_pages <= MAX_ARENA_PAGES:
             raise ProgramError(f"arena_pages {self.arena_pages}: use 2..{MAX_ARENA_PAGES}")
         if len(self.ram) > MAX_RAM_RANGES or len(self.numa) > MAX_NUMA_RANGES:
@@ -273,72 +270,3 @@ def _parse_step(op: Op, args: list[str]) -> Step:
     if len(name.encode()) > MAX_NAME:
         raise ProgramError(f"subtree name longer than {MAX_NAME} bytes")
     return Step(op, *ints, name=name) if ints else Step(op, name=name)
-
-
-# ---- packed form for the C harness --------------------------------------
-
-_HEADER_FMT = "<IIII QQ" + "QQ" * MAX_RAM_RANGES + "QQ" * MAX_NUMA_RANGES + "QQ" * MAX_SCRATCH
-_STEP_FMT = f"<IIQQQ{MAX_NAME + 1}s"
-HEADER_SIZE = struct.calcsize(_HEADER_FMT)
-STEP_SIZE = struct.calcsize(_STEP_FMT)
-
-
-def _pairs(items: tuple[tuple[int, int], ...], n: int) -> list[int]:
-    flat = [x for pair in items for x in pair]
-    return flat + [0] * (2 * n - len(flat))
-
-
-def pack(p: Program) -> bytes:
-    """The binary form read by the C harness (``struct kc_header`` followed by
-    ``struct kc_step[]``)."""
-    h = p.header
-    out = [
-        struct.pack(
-            _HEADER_FMT, h.page_shift, len(h.ram), len(h.numa), len(h.scratch),
-            h.fail_alloc, h.arena_pages,
-            *_pairs(h.ram, MAX_RAM_RANGES), *_pairs(h.numa, MAX_NUMA_RANGES),
-            *_pairs(h.scratch, MAX_SCRATCH),
-        )
-    ]
-    for s in p.steps:
-        out.append(struct.pack(_STEP_FMT, int(s.op), 0, s.a & U64, s.b & U64, s.c & U64, s.name.encode()))
-    return b"".join(out)
-
-
-def c_declarations() -> str:
-    """C declarations matching ``pack``; the harness build writes them to
-    ``kc_program.h`` so that C and Python share one definition."""
-    ops = "\n".join(f"\tKC_{k.name} = {int(k)}," for k in Op)
-    return f"""/* Generated from reference/program.py: do not edit. */
-#ifndef KC_PROGRAM_H
-#define KC_PROGRAM_H
-#define KC_ARENA_BASE_PHYS {ARENA_BASE_PHYS:#x}ULL
-#define KC_MAX_RAM_PFN {MAX_RAM_PFN:#x}ULL
-#define KC_MAX_ARENA_PAGES {MAX_ARENA_PAGES}
-#define KC_MAX_NAME {MAX_NAME}
-#define KC_RESTORE_PAGE_LIMIT {RESTORE_PAGE_LIMIT}ULL
-#define KC_RESTORE_SKIPPED ({RESTORE_SKIPPED})
-#define KC_WARN_CAP {WARN_CAP}
-enum kc_op {{
-{ops}
-}};
-/* no <stdint.h>: the harness is built -nostdinc inside the kernel unit */
-typedef unsigned int kc_u32;
-typedef unsigned long long kc_u64;
-struct kc_range {{ kc_u64 a, b; }};
-struct kc_header {{
-	kc_u32 page_shift, n_ram, n_numa, n_scratch;
-	kc_u64 fail_alloc, arena_pages;
-	struct kc_range ram[{MAX_RAM_RANGES}];   /* start_pfn, end_pfn */
-	struct kc_range numa[{MAX_NUMA_RANGES}];  /* start_pfn, nid */
-	struct kc_range scratch[{MAX_SCRATCH}];  /* phys, size */
-}} __attribute__((packed));
-struct kc_step {{
-	kc_u32 op, pad;
-	kc_u64 a, b, c;
-	char name[{MAX_NAME + 1}];
-}} __attribute__((packed));
-_Static_assert(sizeof(struct kc_header) == {HEADER_SIZE}, "header layout");
-_Static_assert(sizeof(struct kc_step) == {STEP_SIZE}, "step layout");
-#endif
-"""

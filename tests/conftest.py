@@ -1,14 +1,14 @@
-"""Fixtures shared by the harness tests (tests/test_harness_*.py).
+"""Fixtures shared by the native-stage tests (tests/test_native_*.py).
 
-The harness libraries are cached builds (conformance.build); building one cold
+The kernel libraries are cached builds (conformance.native.build); building one cold
 takes about 1.5 s, loading a cached one is instant. Each library is loaded
 once per process and shared by every test that asks for it.
 
 ``run_in_child`` runs programs against one library in a fresh Python process.
 Use it for anything that makes the kernel code fault: a fault is contained by
-the runtime's SIGSEGV handler, and with several harness libraries loaded in
+the runtime's SIGSEGV handler, and with several kernel libraries loaded in
 one process only the most recently initialised library's handler is installed
-(see test_harness_faults.py::test_fault_in_earlier_loaded_library_is_contained),
+(see test_native_faults.py::test_fault_in_earlier_loaded_library_is_contained),
 so a fault in any other library would kill the test process.
 """
 
@@ -23,30 +23,31 @@ from pathlib import Path
 
 import pytest
 
+from reference.geometry import PAGE_SHIFTS  # noqa: F401 - the tests import it from here
+
 REPO = Path(__file__).resolve().parent.parent
 SERIES = ("7.1", "7.2", "7.3")
-PAGE_SHIFTS = (12, 14, 16)
 
 
 @functools.cache
 def get_build(series: str, page_shift: int):
-    from conformance.build import build
-    from conformance.kernel_source import fetch
+    from conformance.native.build import build
+    from conformance.source import fetch
 
     return build(fetch(series), page_shift)
 
 
 @functools.cache
-def get_harness(series: str, page_shift: int):
-    from conformance.binding import Harness
+def get_native(series: str, page_shift: int):
+    from conformance.native.binding import NativeKernel
 
-    return Harness(get_build(series, page_shift))
+    return NativeKernel(get_build(series, page_shift))
 
 
 @pytest.fixture(scope="session")
-def harness_for():
-    """harness_for(series, page_shift) -> conformance.binding.Harness (cached)."""
-    return get_harness
+def native_for():
+    """native_for(series, page_shift) -> conformance.native.binding.NativeKernel (cached)."""
+    return get_native
 
 
 @pytest.fixture(scope="session")
@@ -55,15 +56,15 @@ def build_for():
     return get_build
 
 
-# A child process that loads exactly one harness library, runs the calls it
+# A child process that loads exactly one kernel library, runs the calls it
 # reads (pickled) from stdin and writes the pickled outcomes to stdout.
 _CHILD = r"""
 import pickle, sys
-from conformance.build import build
-from conformance.kernel_source import fetch
-from conformance.binding import Harness
+from conformance.native.build import build
+from conformance.source import fetch
+from conformance.native.binding import NativeKernel
 series, page_shift, calls = pickle.load(sys.stdin.buffer)
-h = Harness(build(fetch(series), page_shift))
+h = NativeKernel(build(fetch(series), page_shift))
 out = []
 for call in calls:
     if call[0] == "run":
@@ -90,7 +91,7 @@ def run_in_child(series: str, page_shift: int, calls: list[tuple], timeout: floa
         capture_output=True, cwd=REPO, env=child_env(), timeout=timeout,
     )
     if proc.returncode:
-        pytest.fail(f"harness child for {series}/{page_shift} died with {proc.returncode}: {proc.stderr.decode()[-2000:]}")
+        pytest.fail(f"kernel child for {series}/{page_shift} died with {proc.returncode}: {proc.stderr.decode()[-2000:]}")
     return pickle.loads(proc.stdout)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 
-from conformance.kernel_source import FIRST_SERIES, KernelSource, list_cached
+from conformance.source import KernelSource, list_cached
+from conformance.source.tree_files import FIRST_SERIES
 
 
 def version_key(version: str) -> tuple[int, ...]:

@@ -10,16 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, child_env
 
-from conformance.binding import SANITIZER_ENV, sanitizer_preload
-from conformance.build import build
-from conformance.diff import compare, target_for
-from conformance.known import load_known
-from conformance.kernel_source import fetch
+from conformance.compare.diff import compare
+from conformance.compare.target import target_for
+from conformance.compare.triage import load_known
+from conformance.native.build import build
+from conformance.native.sanitizer import SANITIZER_ENV, sanitizer_preload
+from conformance.source import fetch
 from fuzz.findings import FINDING_FILES, iter_findings, load_finding, needs_sanitizer
 from reference.program import parse_program
-
-from conftest import REPO, child_env
 
 CRASHES = REPO / "corpus" / "crashes"
 FINDINGS = list(iter_findings(CRASHES))
@@ -27,9 +27,10 @@ FINDINGS = list(iter_findings(CRASHES))
 # A sanitizer-only finding replays in a process started with the ASan runtime.
 _ASAN_CHILD = r"""
 import sys
-from conformance.build import build
-from conformance.diff import compare, target_for
-from conformance.kernel_source import fetch
+from conformance.native.build import build
+from conformance.compare.diff import compare
+from conformance.compare.target import target_for
+from conformance.source import fetch
 from reference.program import parse_program
 version, page_shift, program = sys.argv[1], int(sys.argv[2]), open(sys.argv[3]).read()
 first = compare(parse_program(program), target_for(build(fetch(version), page_shift, "asan"))).first

@@ -9,13 +9,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fuzz.decode import decode
+from reference.geometry import PAGE_SHIFTS
 from reference.program import ARENA_BASE_PHYS, MAX_NAME, Op, parse_program
 
 SEEDS = sorted((Path(__file__).resolve().parent.parent / "corpus" / "seeds").glob("*.bin"))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(max_size=1024), st.sampled_from([12, 14, 16]))
+@given(st.binary(max_size=1024), st.sampled_from(PAGE_SHIFTS))
 def test_any_bytes_decode_to_a_valid_program(data, page_shift):
     p = decode(data, page_shift)
     assert p.header.page_shift == page_shift
@@ -87,7 +88,7 @@ def test_domain_coverage(page_shift):
 
 @pytest.mark.parametrize("seed", SEEDS, ids=[s.name for s in SEEDS])
 def test_seeds_decode(seed):
-    for ps in (12, 14, 16):
+    for ps in PAGE_SHIFTS:
         p = decode(seed.read_bytes(), ps)
         assert parse_program(p.text()) == p
     assert len(decode(seed.read_bytes(), 12).steps) >= 2

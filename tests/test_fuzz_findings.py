@@ -1,22 +1,24 @@
-"""Findings on disk, traces, replay, the harness callback and the runner's
-stats parsing (the planted-bug test runs the whole pipeline)."""
+"""Findings on disk, traces, replay, the atheris entry point's callback and
+the runner's stats parsing (the planted-bug test runs the whole pipeline)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from conftest import get_build
 
 import fuzz.findings as findings
-from conformance.diff import compare, target_for
+from conformance.compare import triage
+from conformance.compare.diff import compare
+from conformance.compare.target import target_for
+from conformance.compare.trace import MARK, trace
 from fuzz.decode import decode
-from fuzz.findings import MARK, iter_findings, load_finding, needs_sanitizer, save_finding, trace
-from fuzz.harness import DivergenceFound, Fuzzer
+from fuzz.entry import DivergenceFound, Fuzzer
+from fuzz.findings import iter_findings, load_finding, needs_sanitizer, save_finding
 from fuzz.minimize import minimize, replay, signature_predicate
 from fuzz.runner import _STATS
 from reference.program import parse_program
-
-from conftest import get_build
 
 PROGRAM = """\
 page_shift 12
@@ -42,8 +44,7 @@ def target():
 @pytest.fixture
 def unknown(monkeypatch):
     """Nothing is a known finding (corpus/known/ changes as bugs are triaged)."""
-    monkeypatch.setattr(findings, "is_known", lambda comparison, version: False)
-    monkeypatch.setattr("fuzz.harness.is_known", lambda comparison, version: False)
+    monkeypatch.setattr(triage, "load_known", lambda directory=None: ())
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def test_save_load_and_dedupe(tmp_path, target, diverging, unknown):
 
 
 def test_known_findings_are_not_saved(tmp_path, target, diverging, monkeypatch):
-    monkeypatch.setattr(findings, "is_known", lambda comparison, version: True)
+    monkeypatch.setattr(findings, "triage", lambda cmp, version: triage.Verdict("known", cmp.first))
     assert save_finding(tmp_path, diverging.program, diverging, target) is None
     assert not list(tmp_path.iterdir())
 
@@ -126,9 +127,9 @@ def test_needs_sanitizer():
     assert not needs_sanitizer({**base, "events": []})
 
 
-def test_harness_callback_saves_once_and_never_raises(tmp_path, target, unknown, monkeypatch):
+def test_entry_callback_saves_once_and_never_raises(tmp_path, target, unknown, monkeypatch):
     program = parse_program(PROGRAM)
-    monkeypatch.setattr("fuzz.harness.decode", lambda data, page_shift: program)
+    monkeypatch.setattr("fuzz.entry.decode", lambda data, page_shift: program)
     fuzzer = Fuzzer(target, tmp_path, minimize_runs=60)
     fuzzer(b"x")
     fuzzer(b"y")  # same signature: handled once
@@ -140,7 +141,7 @@ def test_harness_callback_saves_once_and_never_raises(tmp_path, target, unknown,
         Fuzzer(target, None, 10)(b"x")
 
 
-def test_harness_callback_on_passing_input(tmp_path, target, unknown):
+def test_native_callback_on_passing_input(tmp_path, target, unknown):
     fuzzer = Fuzzer(target, tmp_path, 10)
     fuzzer(bytes(8))  # decode(zeros): a kexec-only program; both agree
     assert decode(bytes(8), 12).steps and not list(tmp_path.iterdir())

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from conftest import get_build
 
-from conformance.diff import compare, target_for
+from conformance.compare.diff import compare
+from conformance.compare.target import target_for
 from fuzz.minimize import minimize, minimize_file, signature_predicate
 from reference.program import Header, Op, Program, Step, parse_program
-
-from conftest import get_build
 
 # Pages 0..0x1ff: node 0, with node 1 in the middle. The kernel checks only a
 # block's two ends, so preserve_pages(0, 0x200) becomes one order-9 block

@@ -14,13 +14,14 @@ import sys
 import time
 from datetime import datetime
 
-from conformance.diff import compare, target_for
-from conformance.kernel_source import fetch, resolve
+from conftest import REPO, child_env, get_build
+
+from conformance.compare.diff import compare
+from conformance.compare.target import target_for
+from conformance.source import fetch, resolve
 from fuzz.findings import load_finding
 from fuzz.runner import run_fuzz
 from reference.program import parse_program
-
-from conftest import REPO, child_env, get_build
 
 KHO_C = "kernel/liveupdate/kexec_handover.c"
 PLANTED = "__clear_bit(idx, leaf->bitmap);"  # in kho_radix_del_page: unpreserve stops clearing the bit
@@ -30,9 +31,9 @@ PLANTED = "__clear_bit(idx, leaf->bitmap);"  # in kho_radix_del_page: unpreserve
 _REPLAY = r"""
 import json, sys
 from pathlib import Path
-from conformance.build import build
-from conformance.diff import target_for
-from conformance.kernel_source import resolve
+from conformance.native.build import build
+from conformance.compare.target import target_for
+from conformance.source import resolve
 from fuzz.minimize import replay
 patch, dirs = sys.argv[1], sys.argv[2:]
 target = target_for(build(resolve("7.2", None, None, Path(patch)), 12, "plain"))

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conformance import kernel_source as ks
+from conformance import source as ks
 from conformance.errors import KhoConformError
+from conformance.source import mirror, tree_files, versions
 
 MIRROR = "http://mirror.example/debian"
 
@@ -65,7 +66,7 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
     third_party = "Types: deb\nURIs: https://vendor.example/apt\nSuites: nodistro\nComponents: main\n"
     paths = _sources(tmp_path, parts={"a-vendor.sources": third_party, "debian.sources": deb822,
                                       "ignored.list.disabled": "deb http://other.example/debian sid main\n"})
-    assert ks.mirror_uri(*paths) == MIRROR
+    assert mirror.mirror_uri(*paths) == MIRROR
 
 
 def test_mirror_uri_one_line(tmp_path):
@@ -75,19 +76,19 @@ deb http://security.example/debian-security bookworm-security main
 deb-src [ arch=amd64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg ] {MIRROR} bookworm main
 deb http://later.example/debian bookworm main
 """
-    assert ks.mirror_uri(*_sources(tmp_path, one_line)) == MIRROR
+    assert mirror.mirror_uri(*_sources(tmp_path, one_line)) == MIRROR
 
 
 def test_mirror_uri_sources_list_comes_first(tmp_path):
     paths = _sources(tmp_path, f"deb {MIRROR} trixie main\n",
                      {"debian.sources": "Types: deb\nURIs: http://second.example/debian\nSuites: trixie\n"})
-    assert ks.mirror_uri(*paths) == MIRROR
+    assert mirror.mirror_uri(*paths) == MIRROR
 
 
 def test_mirror_uri_none(tmp_path):
     paths = _sources(tmp_path, "deb http://vendor.example/apt nodistro main\n")
     with pytest.raises(KhoConformError, match="no Debian mirror"):
-        ks.mirror_uri(*paths)
+        mirror.mirror_uri(*paths)
 
 
 # --------------------------------------------------------------------------
@@ -128,7 +129,7 @@ SHOWSRC = _showsrc("6.12.107-1", "7.0.13-1", "7.1.8-2", "7.2.13-1", "7.1.3-1~bpo
 
 @pytest.fixture
 def available():
-    return ks._build_available(POLICY, SHOWSRC)
+    return versions.build_available(POLICY, SHOWSRC)
 
 
 def test_build_available(available):
@@ -150,26 +151,26 @@ def _upstreams(candidates):
 
 
 def test_series_resolves_to_newest_first(available):
-    assert _upstreams(ks._candidates("7.2", available)) == ["7.2.13", "7.2.12", "7.2.9"]
-    assert _upstreams(ks._candidates("7.1", available)) == ["7.1.13", "7.1.8", "7.1.3"]
+    assert _upstreams(versions.candidates("7.2", available)) == ["7.2.13", "7.2.12", "7.2.9"]
+    assert _upstreams(versions.candidates("7.1", available)) == ["7.1.13", "7.1.8", "7.1.3"]
 
 
 def test_exact_pin(available):
-    assert _upstreams(ks._candidates("7.2.12", available))[0] == "7.2.12"
-    assert _upstreams(ks._candidates(" 7.1.8 ", available))[0] == "7.1.8"
-    assert _upstreams(ks._candidates("7.3-rc7", available))[0] == "7.3~rc7"
+    assert _upstreams(versions.candidates("7.2.12", available))[0] == "7.2.12"
+    assert _upstreams(versions.candidates(" 7.1.8 ", available))[0] == "7.1.8"
+    assert _upstreams(versions.candidates("7.3-rc7", available))[0] == "7.3~rc7"
 
 
 def test_pin_missing_falls_back_to_newest(available, caplog):
     with caplog.at_level(logging.WARNING):
-        assert _upstreams(ks._candidates("7.2.10", available))[0] == "7.2.13"
+        assert _upstreams(versions.candidates("7.2.10", available))[0] == "7.2.13"
     assert "7.2.10 is not offered" in caplog.text
 
 
 @pytest.mark.parametrize("request_", ["6.12", "7.0", "7.0.13", "5.10.1"])
 def test_pre_7_1_refused(available, request_):
     with pytest.raises(KhoConformError, match=rf"kernel {request_} has no KHO radix tree \(first in 7\.1\)"):
-        ks._candidates(request_, available)
+        versions.candidates(request_, available)
     with pytest.raises(KhoConformError, match="no KHO radix tree"):
         ks.fetch(request_)  # refused before any apt or cache access
 
@@ -177,12 +178,12 @@ def test_pre_7_1_refused(available, request_):
 @pytest.mark.parametrize("request_", ["x", "", "7", "7.2.x", "latest", "7.2.13.1"])
 def test_garbage_refused(available, request_):
     with pytest.raises(KhoConformError, match="unknown kernel version"):
-        ks._candidates(request_, available)
+        versions.candidates(request_, available)
 
 
 def test_unknown_series_lists_available(available):
     with pytest.raises(KhoConformError, match=r"unknown kernel version '7\.9'; available: 7\.1\.13, 7\.2\.13, 7\.3\.4"):
-        ks._candidates("7.9", available)
+        versions.candidates("7.9", available)
 
 
 @pytest.mark.parametrize("a, b, expected", [
@@ -195,7 +196,7 @@ def test_unknown_series_lists_available(available):
     ("7.2.13-1", "7.2.13-1", 0),
 ])
 def test_debian_version_compare(a, b, expected):
-    result = ks.debian_version_compare(a, b)
+    result = versions.debian_version_compare(a, b)
     assert (result > 0) - (result < 0) == expected
 
 
@@ -285,7 +286,7 @@ def test_from_tree_with_patch(tmp_cache, tmp_path):
     patch = tmp_path / "fix.patch"
     patch.write_text(GOOD_PATCH)
     plain = ks.from_tree(tree)
-    patched = ks.from_tree(tree, patch)
+    patched = ks.resolve(None, tree, None, patch)
     assert patched.root.is_relative_to(tmp_cache)
     assert patched.provider == f"tree:{tree.resolve()}+patch:fix.patch"
     assert patched.version == plain.version
@@ -293,7 +294,7 @@ def test_from_tree_with_patch(tmp_cache, tmp_path):
     assert (tree / "kernel/liveupdate/kexec_handover.c").read_text() == "int kho_a;\nint kho_b;\nint kho_c;\n"
     assert set(patched.files) == set(plain.files)  # the mm/ part of the patch is dropped
     assert patched.digest() != plain.digest()
-    assert ks.from_tree(tree, patch).root == patched.root  # cached
+    assert ks.resolve(None, tree, None, patch).root == patched.root  # cached
     assert any(s.provider == patched.provider for s in ks.list_cached())
 
 
@@ -302,7 +303,7 @@ def test_from_tree_with_patch_that_does_not_apply(tmp_cache, tmp_path):
     patch = tmp_path / "bad.patch"
     patch.write_text(BAD_PATCH)
     with pytest.raises(KhoConformError, match="bad.patch does not apply to tree:"):
-        ks.from_tree(tree, patch)
+        ks.resolve(None, tree, None, patch)
     assert (tree / "kernel/liveupdate/kexec_handover.c").read_text() == "int kho_a;\nint kho_b;\nint kho_c;\n"
     assert ks.list_cached() == []
 
@@ -312,19 +313,68 @@ def test_patch_touching_no_needed_file(tmp_cache, tmp_path):
     patch = tmp_path / "mm.patch"
     patch.write_text(GOOD_PATCH[GOOD_PATCH.index("diff --git"):])
     with pytest.raises(KhoConformError, match="changes none of the files the suite uses"):
-        ks.from_tree(tree, patch)
+        ks.resolve(None, tree, None, patch)
 
 
-def test_patch_sections_follow_hunk_counts():
-    text = """\
+def test_removed_lines_that_look_like_headers(tmp_cache, tmp_path):
+    # A hunk removing "-- a/..." and adding "++ b/..." lines: the diff lines
+    # "--- a/..." and "+++ b/..." are content, not a file header.
+    tree = _fake_tree(tmp_path / "linux")
+    (tree / "kernel/liveupdate/kexec_handover.c").write_text("-- a/fake header\nint kho_b;\n")
+    patch = tmp_path / "tricky.patch"
+    patch.write_text("""\
 --- a/kernel/liveupdate/kexec_handover.c
 +++ b/kernel/liveupdate/kexec_handover.c
-@@ -1,2 +1,1 @@
---- a/fake header inside a hunk
-+++ b/another removed-looking line
+@@ -1,2 +1,2 @@
+--- a/fake header
++++ b/fake header
+ int kho_b;
+""")
+    patched = ks.resolve(None, tree, None, patch)
+    assert (patched.root / "kernel/liveupdate/kexec_handover.c").read_text() == "++ b/fake header\nint kho_b;\n"
+
+
+def _series_patch(n: int, old: str, new: str) -> str:
+    return f"""\
+From {n:040x} Mon Sep 17 00:00:00 2001
+From: Dev <dev@example.org>
+Subject: [PATCH {n}/2] kho: step {n}
+
+---
+ kernel/liveupdate/kexec_handover.c | 2 +-
+
+--- a/kernel/liveupdate/kexec_handover.c
++++ b/kernel/liveupdate/kexec_handover.c
+@@ -1,3 +1,3 @@
+ int kho_a;
+-{old}
++{new}
+ int kho_c;
+--
+2.43.0
+
 """
-    # "--- a/..." and "+++ b/..." above are a removed and an added line, not a header.
-    assert [t for t, _ in ks._patch_sections(text)] == ["kernel/liveupdate/kexec_handover.c"]
+
+
+def test_series_as_mbox_and_directory(tmp_cache, tmp_path):
+    tree = _fake_tree(tmp_path / "linux")
+    first, second = _series_patch(1, "int kho_b;", "int kho_b = 1;"), _series_patch(2, "int kho_b = 1;", "int kho_b = 2;")
+    mbox = tmp_path / "series.mbx"
+    mbox.write_text(first + second)
+    directory = tmp_path / "outgoing"
+    directory.mkdir()
+    (directory / "0000-cover-letter.patch").write_text("From 0 Mon Sep 17 00:00:00 2001\nSubject: [PATCH 0/2] cover\n\nno diff\n")
+    (directory / "0001-kho-step-1.patch").write_text(first)
+    (directory / "0002-kho-step-2.patch").write_text(second)
+    for path in (mbox, directory):
+        patched = ks.resolve(None, tree, None, path)
+        assert "int kho_b = 2;" in (patched.root / "kernel/liveupdate/kexec_handover.c").read_text()
+        assert len(patched.patches) == 2 and patched.provider.endswith(f"+series:{path.name}")
+    # applied in order: the second patch alone does not apply
+    lone = tmp_path / "0002-only.patch"
+    lone.write_text(second)
+    with pytest.raises(KhoConformError, match=r"0002-only.patch does not apply to tree:.*the hunk at kernel/liveupdate/kexec_handover.c:1 fails"):
+        ks.resolve(None, tree, None, lone)
 
 
 def test_tree_without_radix_tree_refused(tmp_cache, tmp_path):
@@ -376,8 +426,8 @@ def test_cache_inside_repo_refused(monkeypatch):
 def test_unreachable_mirror(tmp_cache, tmp_path, monkeypatch):
     # Port 9 on localhost refuses connections: fails fast without network.
     sources_list, sources_dir = _sources(tmp_path, "deb http://127.0.0.1:9/debian bookworm main\n")
-    monkeypatch.setattr(ks, "APT_SOURCES_LIST", sources_list)
-    monkeypatch.setattr(ks, "APT_SOURCES_DIR", sources_dir)
+    monkeypatch.setattr(mirror, "APT_SOURCES_LIST", sources_list)
+    monkeypatch.setattr(mirror, "APT_SOURCES_DIR", sources_dir)
     with pytest.raises(KhoConformError, match="mirror unreachable: apt-get update failed: .*--kernel-tree"):
         ks.fetch("7.2")
 
@@ -392,7 +442,7 @@ def test_fetch_real_7_2():
     assert source.provider.startswith("debian:linux-source-7.2=")
     assert source.makefile_version.startswith("7.2.")
     assert source.root.is_relative_to(ks.cache_dir())
-    for rel in ks.ESSENTIAL_PATHS:
+    for rel in tree_files.ESSENTIAL_PATHS:
         assert (source.root / rel).is_file()
         assert source.files[rel] == hashlib.sha256((source.root / rel).read_bytes()).hexdigest()
     assert ks.fetch(source.version).root == source.root  # exact pin hits the cache

@@ -11,19 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reference.fdt import Fdt
+from reference.geometry import PAGE_SHIFTS
 from reference.keys import page_chunks, pfn_key
 from reference.model import handover, restore, run
 from reference.outcome import Image
 from reference.profiles import KHO_V3, KHO_V4, KHO_V4_KEYAPI, PROFILES, select_profile
-from reference.program import (
-    ARENA_BASE_PHYS,
-    RESTORE_SKIPPED,
-    Header,
-    Op,
-    Program,
-    Step,
-    parse_program,
-)
+from reference.program import ARENA_BASE_PHYS, RESTORE_SKIPPED, Header, Op, Program, Step, parse_program
 
 PAGE = 0x1000
 ARENA_PFN = ARENA_BASE_PHYS >> 12
@@ -207,7 +200,7 @@ def test_restore_folio_vectors():
         (0, ARENA_PFN + 2, 1, 0),  # the FDT page
     ]
     assert o.next.phantom == (0x200000,)
-    # NextKernel.magic is the map at handover, before any restore
+    # NextBoot.magic is the map at handover, before any restore
     assert (0x20000, 17) in o.next.magic and (0x10, 0) in o.next.magic
 
 
@@ -372,7 +365,7 @@ def test_corrupted_model_image_never_raises(pokes):
 
 # ---- properties --------------------------------------------------------------
 
-SHIFTS = st.sampled_from([12, 14, 16])
+SHIFTS = st.sampled_from(PAGE_SHIFTS)
 
 
 @st.composite

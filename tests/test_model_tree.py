@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reference.arena import Arena
-from reference.geometry import geometry
+from reference.geometry import PAGE_SHIFTS, geometry
 from reference.keys import pfn_key
 from reference.program import ARENA_BASE_PHYS, Header
 from reference.tree import RadixTree, leaf_bits, traverse
@@ -119,7 +119,7 @@ def test_poke_redirects_the_walk():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sampled_from([12, 14, 16]), st.lists(st.integers(0, 1 << 36), min_size=1, max_size=40), st.data())
+@given(st.sampled_from(PAGE_SHIFTS), st.lists(st.integers(0, 1 << 36), min_size=1, max_size=40), st.data())
 def test_walk_order_is_key_order(shift, pfns, data):
     t = new_tree(arena_pages=4096, shift=shift)
     keys = set()

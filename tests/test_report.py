@@ -13,6 +13,7 @@ from rich.console import Console
 
 from conformance import report as rp
 from conformance.report import Cell, CheckResult, FuzzPoint, Report
+from conformance.report.html import svg_chart
 
 NASTY = 'ops <b>&"quoted"\' — ünïcode ✓'
 REPRO = "kho-conform replay corpus/crashes/abc123/program.txt --kernel 7.2 --page-shift 12"
@@ -97,7 +98,7 @@ def test_html_without_fuzz_data(tmp_path: Path) -> None:
 
 def test_chart_series_per_cell() -> None:
     series = [("a", [(0, 0), (5, 10)]), ("b", [(0, 1)]), ("c", [(1, 2), (2, 3), (3, 4)])]
-    svg = rp.svg_chart("t", "y", series)
+    svg = svg_chart("t", "y", series)
     assert svg.count("<polyline") == 3
     ET.fromstring(svg)  # well-formed on its own
 
@@ -141,7 +142,7 @@ def test_exit_status() -> None:
     assert rp.exit_status(report) == 1
     report.cells[0].checks[1].status = "known"
     assert rp.exit_status(report) == 0
-    report.cells[1].checks[0] = CheckResult("abi.constants", "error", detail="harness crashed")
+    report.cells[1].checks[0] = CheckResult("abi.constants", "error", detail="driver crashed")
     assert rp.exit_status(report) == 1
 
 

@@ -24,10 +24,10 @@ from dataclasses import replace
 
 import pytest
 
-from conformance.scenarios import allocations, by_name, scenarios
+from conformance.programs.scenarios import allocations, by_name, scenarios
+from reference.geometry import PAGE_SHIFTS
 from reference.program import NOT_RUN, Op, Program, parse_program
 
-PAGE_SHIFTS = (12, 14, 16)
 FIXED = {
     "scenario.empty-tree", "scenario.every-order", "scenario.widest-orders", "scenario.pfn-zero",
     "scenario.highest-pfns", "scenario.numa-crossing", "scenario.ram-holes", "scenario.subtrees",
@@ -78,9 +78,10 @@ def test_deterministic():
 
 @pytest.fixture(scope="module")
 def target():
-    from conformance.build import build
-    from conformance.diff import target_for
     from kernels import newest_per_series
+
+    from conformance.compare.target import target_for
+    from conformance.native.build import build
 
     source = newest_per_series().get("7.2")
     if source is None:
@@ -90,7 +91,7 @@ def target():
 
 @pytest.fixture(scope="module")
 def results(target):
-    from conformance.diff import compare
+    from conformance.compare.diff import compare
 
     return {s.name: compare(s.program, target) for s in scenarios(12)}
 
@@ -175,7 +176,7 @@ def test_preserve_pages_checks_only_the_ends(results):
 
 def test_range_of_2_40_pages_never_ends(results):
     """``pfn += 1 << order`` in int: a block of order >= 31 overflows; the
-    kernel loops until the harness's CPU budget stops it."""
+    kernel loops until the runtime's CPU budget stops it."""
     c = results["scenario.range-2^40"]
     assert all(r.rc == 0 for r in c.model.ops)
     assert c.kernel.ops[0].rc == NOT_RUN
@@ -242,7 +243,7 @@ def test_kernel_walks_a_tree_loop(results):
     assert len(c.kernel.next.walk) > len(c.model.tree)  # root-page words decoded as keys
 
 
-# -- agreements that once were harness or model bugs --------------------------------
+# -- agreements that once were runtime or model bugs --------------------------------
 
 
 def test_restore_after_refused_handover_agrees(results):

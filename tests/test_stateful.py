@@ -12,12 +12,11 @@ from __future__ import annotations
 import pytest
 from kernels import newest_per_series
 
-from conformance.build import build
-from conformance.diff import target_for
+from conformance.compare.target import target_for
 from conformance.errors import KhoConformError
-from conformance.stateful import machine_for
-
-PAGE_SHIFTS = (12, 14, 16)
+from conformance.native.build import build
+from conformance.programs.machine import machine_for
+from reference.geometry import PAGE_SHIFTS
 
 
 def _skipping(reason: str) -> type:

@@ -1,0 +1,284 @@
+"""The differential engine: one program on the reference model and on the
+kernel's C code; every difference becomes a ``Divergence`` record.
+
+Compared: per op the return code, values and
+warning count; the old kernel's canonical tree, raw node pages and FDT bytes
+(at kexec, or at the end); the next kernel's restored map; sanitizer and
+out-of-arena events. Handover is also checked across implementations: the
+C image restored by the model, and the model image restored by the C code.
+
+Cheap fingerprints are compared first; the field-by-field diff runs only when
+they differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+from reference import model
+from reference.outcome import EINVAL, NextBoot, OpResult, Outcome, fingerprint
+from reference.program import NOT_RUN, Op, Program, Step
+
+from .target import Target
+
+MAX_SHOWN = 240  # characters of expected/actual kept in a record
+
+
+@dataclass(frozen=True)
+class Divergence:
+    check: str  # ops | boot | tree | node_pages | fdt | next | events | handover:c-image | handover:model-image
+    op_index: int | None  # first op where the two differ (None: before any op)
+    op: str  # that op in the text form
+    field: str
+    expected: str  # the model
+    actual: str  # the kernel's C code
+    signature: str  # for de-duplication: stable across values and positions
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        where = f"op {self.op_index} ({self.op})" if self.op_index is not None else "boot"
+        return f"[{self.check}] {where}: {self.field}: model {self.expected} != kernel {self.actual}"
+
+
+def _short(x: object) -> str:
+    s = x.hex() if isinstance(x, bytes) else repr(x)
+    return s if len(s) <= MAX_SHOWN else s[: MAX_SHOWN - 3] + "..."
+
+
+_NUMBERS = re.compile(r"0x[0-9a-f]+|\d+")
+
+
+def _signature(check: str, field_name: str, op: Step | None, expected: object, actual: object) -> str:
+    """What kind of difference this is, without the values that vary between
+    inputs: check, field (indices dropped), op kind, and for return codes the
+    two codes themselves (a -ENOMEM vs 0 is another bug than -EINVAL vs 0)."""
+    kind = op.op.name if op is not None else "-"
+    # State fields are named by position (tree path, page, byte offset), which
+    # depends on the page shift: the field's kind is what identifies a bug.
+    if check in ("tree", "node_pages", "fdt"):
+        field_name = field_name.split("[", 1)[0]
+    detail = ""
+    if field_name in ("rc", "accepted"):
+        detail = f"{expected}->{actual}"
+    elif field_name in ("value", "value2") and isinstance(expected, int) and isinstance(actual, int):
+        detail = "kernel-less" if actual < expected else "kernel-more"  # e.g. fewer pages restored
+    elif check == "events":
+        detail = _NUMBERS.sub("#", str(actual))
+    elif check == "tree":
+        detail = _tree_difference(expected, actual)
+    text = "|".join((check, _NUMBERS.sub("#", field_name), kind, detail))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _tree_difference(expected: object, actual: object) -> str:
+    """How two versions of one tree node differ: a missing node, or slots or
+    bits the kernel has in excess or lacks (a missed split and a lost key
+    are different bugs, though both show at the same op)."""
+    if expected is None or actual is None:
+        return "node-missing-in-kernel" if actual is None else "node-extra-in-kernel"
+    (_, level, want), (_, _, got) = expected, actual
+    extra, missing = bool(set(got) - set(want)), bool(set(want) - set(got))
+    kind = "leaf-bits" if level == 0 else "table-slots"
+    return f"{kind}:{'extra' if extra else ''}{'+' if extra and missing else ''}{'missing' if missing else ''}"
+
+
+@dataclass
+class Comparison:
+    program: Program
+    model: Outcome
+    kernel: Outcome
+    divergences: list[Divergence] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.divergences
+
+    @property
+    def first(self) -> Divergence | None:
+        return self.divergences[0] if self.divergences else None
+
+
+def _op_view(r: OpResult) -> tuple:
+    return (r.rc, r.value, r.value2, len(r.warnings))
+
+
+def _next_view(n: NextBoot | None) -> dict | None:
+    if n is None:
+        return None
+    view = {f.name: getattr(n, f.name) for f in fields(n) if f.name != "reason"}
+    # Order of magic reads and phantom touches is an artefact of who reads
+    # the struct pages; the set is the contract.
+    view["magic"] = tuple(sorted(set(n.magic)))
+    view["phantom"] = tuple(sorted(set(n.phantom)))
+    return view
+
+
+def _old_view(o: Outcome) -> dict:
+    return {
+        "tree": tuple(n.canonical() for n in o.tree),
+        "node_pages": {p: hashlib.blake2b(o.node_pages[p], digest_size=8).hexdigest() for p in o.node_pages},
+        "fdt": o.fdt.hex(),
+    }
+
+
+def _view(o: Outcome) -> dict:
+    return {
+        "boot": _op_view(o.boot), "ops": [_op_view(r) for r in o.ops],
+        **_old_view(o), "next": _next_view(o.next), "events": o.events,
+    }
+
+
+def compare(program: Program, target: Target, *, handover: bool = True) -> Comparison:
+    """Run both implementations on ``program`` and list where they differ,
+    first divergence first."""
+    expected = model.run(program, target.profile)
+    actual = target.native.run(program)
+    cmp = Comparison(program, expected, actual)
+    if fingerprint(_view(expected)) != fingerprint(_view(actual)):
+        cmp.divergences += _diff(program, expected, actual, target)
+    if handover:
+        cmp.divergences += _cross_handover(program, expected, actual, target)
+    cmp.divergences.sort(key=lambda d: (d.op_index if d.op_index is not None else -1))
+    return cmp
+
+
+def _steps_after_kexec(program: Program) -> tuple[int, tuple[Step, ...]] | None:
+    k = program.kexec_index()
+    return None if k is None else (k, program.steps[k + 1 :])
+
+
+def _diff(program: Program, exp: Outcome, act: Outcome, target: Target) -> list[Divergence]:
+    out: list[Divergence] = []
+    steps = program.steps
+
+    def add(check: str, index: int | None, field_name: str, e: object, a: object) -> None:
+        step = steps[index] if index is not None and index < len(steps) else None
+        out.append(Divergence(check, index, step.text() if step else "", field_name, _short(e), _short(a),
+                              _signature(check, field_name, step, e, a)))  # e, a: the values themselves
+
+    for name, e, a in zip(("rc", "value", "value2", "warnings"), _op_view(exp.boot), _op_view(act.boot)):
+        if e != a:
+            add("boot", None, name, e, a)
+    if act.events:
+        # The event (a sanitizer trap, a fault, a timeout) is the divergence;
+        # the op it cut short and the ones after it never ran. Expected: what
+        # the model answered for that op.
+        at = act.event_ops[0]
+        add("events", at, "event", _op_view(exp.boot if at is None else exp.ops[at]), act.events[0])
+    for i, (re_, ra) in enumerate(zip(exp.ops, act.ops)):
+        if ra.rc == NOT_RUN and act.events:
+            break
+        for name, e, a in zip(("rc", "value", "value2", "warnings"), _op_view(re_), _op_view(ra)):
+            if e != a:
+                add("ops", i, name, e, a)
+                break
+        else:
+            continue
+        break  # later ops usually differ because of this one: keep the first
+    if act.events and act.image is None:
+        return out  # cut short in the old kernel: no state at kexec to compare
+    ev, av = _old_view(exp), _old_view(act)
+    kexec = program.kexec_index()
+    state_at = kexec if kexec is not None else len(steps) - 1
+    for name in ("tree", "node_pages", "fdt"):
+        if ev[name] != av[name]:
+            e, a = _first_difference(name, exp, act)
+            add(name, _first_state_op(program, target, name, state_at), e[0], e[1], a)
+    en, an = _next_view(exp.next), _next_view(act.next)
+    if en != an and kexec is not None and not act.events:  # an event cut the next kernel short
+        for key in (en or an):  # NextBoot's field order: deterministic
+            e = (en or {}).get(key)
+            a = (an or {}).get(key)
+            if e != a:
+                add("next", kexec, key, e, a)
+                break
+    return out
+
+
+def _first_difference(name: str, exp: Outcome, act: Outcome) -> tuple[tuple[str, object], object]:
+    """The first differing element of a state field, for the record."""
+    if name == "fdt":
+        for i, (x, y) in enumerate(zip(exp.fdt, act.fdt)):
+            if x != y:
+                return (f"fdt[{i:#x}]", exp.fdt[i : i + 16]), act.fdt[i : i + 16]
+        return ("fdt.length", len(exp.fdt)), len(act.fdt)
+    if name == "tree":
+        et = {n.path: n.canonical() for n in exp.tree}
+        at = {n.path: n.canonical() for n in act.tree}
+        for path in sorted(et.keys() | at.keys()):
+            if et.get(path) != at.get(path):
+                return (f"tree{list(path)}", et.get(path)), at.get(path)
+    for phys in sorted(exp.node_pages.keys() | act.node_pages.keys()):
+        e, a = exp.node_pages.get(phys), act.node_pages.get(phys)
+        if e != a:
+            if e is None or a is None:
+                return (f"node_pages[{phys:#x}]", e is not None), a is not None
+            i = next(i for i in range(len(e)) if e[i] != a[i])
+            return (f"node_pages[{phys:#x}][{i:#x}]", e[i & ~7 : (i & ~7) + 8]), a[i & ~7 : (i & ~7) + 8]
+    return (name, "?"), "?"
+
+
+def _first_state_op(program: Program, target: Target, name: str, last: int) -> int | None:
+    """The first op after which the old kernel's state differs: bisect on
+    prefixes of the program (only run on a mismatch)."""
+    steps = program.steps[: last + 1]
+
+    def differs(k: int) -> bool:
+        prefix = Program(program.header, tuple(s for s in steps[:k] if s.op != Op.KEXEC))
+        return _old_view(model.run(prefix, target.profile))[name] != _old_view(target.native.run(prefix))[name]
+
+    if differs(0):
+        return None
+    lo, hi = 0, len(steps)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if differs(mid) else (mid, hi)
+    return hi - 1
+
+
+def _cross_handover(program: Program, exp: Outcome, act: Outcome, target: Target) -> list[Divergence]:
+    """Each next kernel restores the other implementation's image."""
+    after = _steps_after_kexec(program)
+    if after is None or exp.image is None or act.image is None:
+        return []
+    k, steps = after
+    out = []
+    h = program.header
+    if not act.events:  # a kernel run cut short has no next-kernel answer to hold the model's against
+        m_next, m_ops = model.restore(act.image, steps, h, target.profile)
+        m_kexec = OpResult(0 if m_next.accepted else -EINVAL)
+        out += _next_diff("handover:c-image", program, k, act.next, act.ops[k:], m_next, [m_kexec, *m_ops], swap=True)
+    c = target.native.restore(exp.image, h, steps)
+    if c.events:  # the event is the answer; what it cut short is not
+        at = k + (c.event_ops[0] or 0)  # the foreign run's op 0 is the kexec
+        step = program.steps[at]
+        out.append(Divergence("handover:model-image", at, step.text(), "event", "()", _short(c.events[0]),
+                              _signature("events", "event", step, (), c.events[0])))
+    else:
+        out += _next_diff("handover:model-image", program, k, exp.next, exp.ops[k:], c.next, list(c.ops), swap=False)
+    return out
+
+
+def _next_diff(check: str, program: Program, k: int, ref_next: NextBoot | None, ref_ops, other_next: NextBoot | None,
+               other_ops, swap: bool) -> list[Divergence]:
+    """Compare a next kernel run on a foreign image (``other``) with the
+    image owner's own next kernel (``ref``). Expected is always the model."""
+    rv, ov = _next_view(ref_next), _next_view(other_next)
+    pairs = [(rv, ov, "next")] + [(_op_view(r), _op_view(o), f"ops[{i}]") for i, (r, o) in enumerate(zip(ref_ops, other_ops))]
+    for i, (r, o, name) in enumerate(pairs):
+        if r == o:
+            continue
+        e, a = (o, r) if swap else (r, o)  # the model is "expected"
+        index = k + max(i - 1, 0)
+        step = program.steps[index]
+        field_name = name
+        if isinstance(r, dict) and isinstance(o, dict):
+            field_name = next(key for key in r if r[key] != o.get(key))
+            e, a = (o[field_name], r[field_name]) if swap else (r[field_name], o[field_name])
+        return [Divergence(check, index, step.text(), field_name, _short(e), _short(a),
+                           _signature(check, field_name, step, e, a))]
+    return []

@@ -1,0 +1,186 @@
+"""The FFI binding: a built library of the kernel's KHO code, driven from
+Python with one call per program, its records turned into the same
+``Outcome`` the model gives.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+
+from cffi import FFI
+
+from reference.arena import words_from_bytes
+from reference.fdt import Fdt
+from reference.geometry import geometry
+from reference.outcome import EOPNOTSUPP, Image, NextBoot, OpResult, Outcome, TreeNode
+from reference.program import ARENA_BASE_PHYS, NOT_RUN, Header, Op, Program, Step
+from reference.tree import leaf_bits, traverse
+
+from ..errors import KhoConformError
+from .build import Build
+from .contract import OP_BOOT, REC, Memblock, Rec, cdef, pack_image, pack_program
+from .sanitizer import symbolize
+
+_ffi = FFI()
+_ffi.cdef(cdef())
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >> 63 else x
+
+
+class NativeKernel:
+    """The kernel's KHO code, built for one source, page shift and flavor."""
+
+    def __init__(self, build: Build) -> None:
+        if build.flavor != "plain" and not os.environ.get("LD_PRELOAD"):
+            raise KhoConformError(f"the {build.flavor} flavor must run in a process started with its sanitizer runtime preloaded; use the kho-conform CLI")
+        self.build = build
+        self.lib = _load(str(build.library))
+        self.page_shift = self.lib.kc_page_shift()
+        self.page_size = 1 << self.page_shift
+
+    def run(self, program: Program) -> Outcome:
+        if program.header.page_shift != self.page_shift:
+            raise KhoConformError(f"program is for page shift {program.header.page_shift}, library for {self.page_shift}")
+        blob = pack_program(program)
+        if self.lib.kc_run(blob, len(blob), _ffi.NULL, 0):
+            raise KhoConformError("the driver refused the program header")
+        return self._outcome(program.header, len(program.steps), foreign=False)
+
+    def abi_constants(self) -> dict[str, int]:
+        """Depth, table and bitmap sizes and key width as the tree's code defines them."""
+        out = _ffi.new("unsigned long long[6]")
+        self.lib.kc_abi_constants(out)
+        names = ("depth", "table_log2", "bitmap_log2", "key_width", "node_bytes", "leaf_bytes")
+        return dict(zip(names, out))
+
+    def encode_key(self, phys: int, order: int) -> int:
+        return self.lib.kc_encode_key(phys, order)
+
+    def decode_key(self, key: int) -> tuple[int, int]:
+        order = _ffi.new("unsigned int *")
+        phys = self.lib.kc_decode_key(key, order)
+        return phys, order[0]
+
+    def restore(self, image: Image, header: Header, steps: tuple[Step, ...]) -> Outcome:
+        """Boot the next kernel from an image made elsewhere, then run the
+        (next-kernel) steps. The outcome's ops[0] is the kexec."""
+        program = Program(header, (Step(Op.KEXEC), *steps))
+        blob = pack_program(program)
+        img = pack_image(image, self.page_size)
+        if self.lib.kc_run(blob, len(blob), img, len(img)):
+            raise KhoConformError("the driver refused the program header")
+        return self._outcome(header, len(program.steps), foreign=True)
+
+    def _outcome(self, header: Header, nsteps: int, foreign: bool) -> Outcome:
+        n = _ffi.new("unsigned long *")
+        recs = self.lib.kc_records(n)
+        # Read the C array in place, one record at a time: a program of 10^6
+        # ops leaves millions of records, which must not become a list.
+        records = struct.iter_unpack(REC.format, _ffi.buffer(recs, n[0] * REC.size)) if n[0] else ()
+        tn = _ffi.new("unsigned long *")
+        tbuf = self.lib.kc_text_buffer(tn)
+        text = bytes(_ffi.buffer(tbuf, tn[0])) if tn[0] else b""
+
+        def string(off: int) -> str:
+            return text[off : text.index(b"\0", off)].decode(errors="replace")
+
+        boot_rc, boot_warn = 0, []
+        ops: list[list] = [[NOT_RUN, 0, 0, []] for _ in range(nsteps)]
+        events, event_ops, log = [], [], []
+        state = None
+        kexec_at = 0 if foreign else None
+        nxt = {"walk": [], "walk_nodes": [], "reserved": [], "noinit": [], "scratch_marks": [], "magic": [], "phantom": []}
+        for kind, op, a, b, c in records:
+            if kind == Rec.BOOT:
+                boot_rc = _signed(a)
+            elif kind == Rec.OP:
+                ops[op][:3] = [_signed(a), b, c]
+            elif kind == Rec.WARN:
+                (boot_warn if op == OP_BOOT else ops[op][3]).append(string(a))
+            elif kind == Rec.LOG:
+                log.append(string(a))
+            elif kind == Rec.EVENT:
+                events.append(symbolize(string(a)))
+                event_ops.append(None if op == OP_BOOT else op)
+            elif kind == Rec.STATE:
+                state = (a, b)
+                if kexec_at is None and op != OP_BOOT and op < nsteps:
+                    kexec_at = op
+            elif kind == Rec.MEMBLOCK and kexec_at is not None:
+                key = {Memblock.RESERVE: "reserved", Memblock.NOINIT: "noinit", Memblock.SCRATCH: "scratch_marks"}.get(c)
+                if key:
+                    nxt[key].append((a, b))
+            elif kind == Rec.WALK:
+                nxt["walk"].append((a, b))
+            elif kind == Rec.WALK_NODE:
+                nxt["walk_nodes"].append(a)
+            elif kind == Rec.MAGIC:
+                nxt["magic"].append((a, b))
+            elif kind == Rec.PHANTOM:
+                nxt["phantom"].append(a)
+        results = tuple(OpResult(rc, v, v2, tuple(w)) for rc, v, v2, w in ops)
+        next_boot = None
+        if kexec_at is not None and results[kexec_at].rc != -EOPNOTSUPP:
+            accepted = results[kexec_at].rc == 0
+            next_boot = NextBoot(
+                accepted=accepted, reason="" if accepted else "; ".join(log[-3:]),
+                **{k: tuple(v) for k, v in nxt.items()},
+            )
+        fields = {}
+        if state is not None and not foreign:
+            fields = self._old_state(header, *state)
+        return Outcome(
+            boot=OpResult(boot_rc, 0, 0, tuple(boot_warn)), ops=results, next=next_boot,
+            events=tuple(events), event_ops=tuple(event_ops), log=tuple(log), **fields,
+        )
+
+    def _old_state(self, header: Header, root_phys: int, fdt_phys: int) -> dict:
+        n = _ffi.new("unsigned long *")
+        buf = self.lib.kc_snapshot_pages(n)
+        raw = bytes(_ffi.buffer(buf, n[0] * self.page_size)) if n[0] else b""
+        ps = self.page_size
+
+        def page(phys: int) -> bytes | None:
+            index, off = divmod(phys - ARENA_BASE_PHYS, ps)
+            if off or not 0 <= index < n[0]:
+                return None
+            return raw[index * ps : (index + 1) * ps]
+
+        fdt_page = page(fdt_phys) or b""
+        total = Fdt(fdt_page).totalsize() if len(fdt_page) >= 8 else 0
+        fdt = fdt_page[: min(total, ps)]
+        tree, node_pages = _canonical_tree(root_phys, page, self.page_shift)
+        scratch = (page(ARENA_BASE_PHYS) or b"")[: 16 * len(header.scratch)]
+        image = Image(self.page_shift, fdt_phys, fdt, ARENA_BASE_PHYS, scratch, node_pages)
+        return {"root_phys": root_phys, "tree": tree, "node_pages": node_pages, "fdt": fdt, "image": image}
+
+
+def _canonical_tree(root: int, page, page_shift: int) -> tuple[tuple[TreeNode, ...], dict[int, bytes]]:
+    """The C tree in canonical form, read with the same ABI traversal the
+    model uses (reference.tree), so both sides are named the same way."""
+    ps = 1 << page_shift
+    cache: dict[int, dict[int, int] | None] = {}
+
+    def words(phys: int):
+        if phys not in cache:
+            data = page(phys)
+            cache[phys] = None if data is None else words_from_bytes(data, ps)
+        return cache[phys]
+
+    nodes, raw = [], {}
+    for v in traverse(root, geometry(page_shift), words, strict=False):
+        nodes.append(TreeNode(v.path, v.level, v.phys, tuple(sorted(v.words)) if v.level else tuple(leaf_bits(v.words))))
+        raw[v.phys] = page(v.phys)
+    return tuple(nodes), raw
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: str):
+    try:
+        return _ffi.dlopen(path)
+    except OSError as e:
+        raise KhoConformError(f"cannot load {path}: {e}; rebuild with `kho-conform build`") from None

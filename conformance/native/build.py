@@ -1,0 +1,192 @@
+"""Build: extracted kernel unit (with the driver) + runtime + the tree's
+libfdt -> one shared library, cached by (source digest, page shift, flavor,
+project inputs).
+
+Flavors:
+- ``plain``: gcc (or clang) -O1, for speed;
+- ``asan``: clang, ASan + UBSan; UBSan traps (-fsanitize-trap) are caught by
+  the runtime and reported as findings, ASan reports arrive through its
+  report callback with halt_on_error=0;
+- ``fuzz``: ``asan`` plus ``-fsanitize=fuzzer-no-link`` so atheris sees the
+  kernel code's coverage (loaded under atheris's asan_with_fuzzer.so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reference.geometry import PAGE_SHIFTS
+
+from ..errors import KhoConformError
+from ..source import KernelSource, cache_dir
+from ..source.tree_files import KHO_C
+from .contract import c_header
+from .extract import C_DIR, RUNTIME_DIR, Extraction, extract, generated_dir, include_flags
+
+FLAVORS = ("plain", "asan", "fuzz")
+DRIVER_DIR = C_DIR / "driver"
+LIBFDT_SOURCES = ("fdt.c", "fdt_ro.c", "fdt_rw.c", "fdt_sw.c", "fdt_wip.c", "fdt_strerror.c")
+CLANG_CANDIDATES = ("clang-16", "clang")
+# The kernel unit must not silently get int-returning implicit prototypes.
+STRICT = ["-Werror=implicit-function-declaration", "-Werror=int-conversion", "-Werror=incompatible-pointer-types"]
+SANITIZE = ["-fsanitize=address,undefined", "-fsanitize-trap=undefined", "-fsanitize-recover=address", "-fno-inline",
+            "-fno-omit-frame-pointer"]
+
+
+@dataclass
+class Build:
+    library: Path
+    source: KernelSource
+    page_shift: int
+    flavor: str
+    compiler: str
+    api: str
+    compatible: str
+    doc_compatible: str
+    unit_bytes: int
+    kept: list[str] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    cached: bool = False
+
+    def identity(self) -> dict:
+        return {
+            **self.source.identity(), "page_shift": self.page_shift, "flavor": self.flavor,
+            "compiler": self.compiler, "api": self.api, "library": str(self.library),
+        }
+
+
+BUNDLE_META = "target.json"
+BUNDLE_LIBRARY = "libkho.so"
+
+
+def save_bundle(b: Build, directory: Path) -> Path:
+    """A self-contained copy of a build (the library and what a target needs
+    of it), for processes and machines without the cache: fuzz workers, a
+    ClusterFuzzLite build."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(b.library, directory / BUNDLE_LIBRARY)
+    meta = {
+        "source": b.source.identity(),
+        "build": {"page_shift": b.page_shift, "flavor": b.flavor, "compiler": b.compiler, "api": b.api,
+                  "compatible": b.compatible, "doc_compatible": b.doc_compatible, "unit_bytes": b.unit_bytes},
+    }
+    (directory / BUNDLE_META).write_text(json.dumps(meta, indent=1) + "\n")
+    return directory
+
+
+def load_bundle(directory: Path) -> Build:
+    """The build ``save_bundle`` wrote into ``directory``."""
+    try:
+        meta = json.loads((directory / BUNDLE_META).read_text())
+        return Build(library=directory / BUNDLE_LIBRARY, source=KernelSource.from_identity(meta["source"], directory),
+                     **meta["build"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KhoConformError(f"{directory}: not a build bundle ({e}); write one with kho-conform fuzz or build") from None
+
+
+def find_compiler(flavor: str) -> str:
+    names = CLANG_CANDIDATES if flavor != "plain" else ("gcc", "cc", *CLANG_CANDIDATES)
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    need = "clang-16" if flavor != "plain" else "gcc or clang"
+    raise KhoConformError(f"no C compiler for flavor '{flavor}': install {need} (apt-get install clang-16 libclang-rt-16-dev)")
+
+
+def _project_inputs_digest() -> str:
+    h = hashlib.sha256()
+    for path in sorted([*C_DIR.rglob("*.[ch]"), Path(__file__), Path(__file__).parent / "extract.py"]):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    h.update(c_header().encode())
+    return h.hexdigest()[:16]
+
+
+def _flags(flavor: str) -> list[str]:
+    common = ["-std=gnu11", "-fPIC", "-g", "-fno-strict-aliasing", "-fno-common"]
+    if flavor == "plain":
+        return [*common, "-O1"]
+    extra = ["-fsanitize=fuzzer-no-link"] if flavor == "fuzz" else []
+    return [*common, "-O1", *SANITIZE, *extra]
+
+
+def _run(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        lines = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.splitlines() or ["?"]
+        raise KhoConformError(f"compiling {what} failed: {lines[0][:300]}")
+
+
+def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, force: bool = False) -> Build:
+    """Build (or reuse) the library of the kernel's KHO code for one source, page shift and flavor."""
+    if flavor not in FLAVORS:
+        raise KhoConformError(f"unknown flavor '{flavor}': use one of {', '.join(FLAVORS)}")
+    if page_shift not in PAGE_SHIFTS:
+        raise KhoConformError(f"page shift {page_shift} is not modelled: use one of {PAGE_SHIFTS}")
+    cc = find_compiler(flavor)
+    key = f"{source.digest()[:16]}-{_project_inputs_digest()}-ps{page_shift}-{flavor}"
+    work = cache_dir() / "builds" / key
+    library = work / "libkho.so"  # its final place
+    meta_path = work / "build.json"
+    if library.exists() and meta_path.exists() and not force:
+        meta = json.loads(meta_path.read_text())
+        return Build(library=library, source=source, page_shift=page_shift, flavor=flavor, cached=True, **meta)
+    start = time.monotonic()
+    final = work
+    # Build aside and rename into place: parallel test workers and an
+    # interrupted build never leave a half-built library in the cache.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=final.parent))
+    ex: Extraction = extract(source.root, work, page_shift, cc)
+    staged = work / "stage"
+    gen = generated_dir(staged)
+    # The unit replaces the staged copy, so debug info and sanitizer reports
+    # name kernel/liveupdate/kexec_handover.c with the kernel's line numbers.
+    unit = staged / KHO_C
+    unit.write_text(ex.unit)
+    flags = [*_flags(flavor), f"-DKC_PAGE_SHIFT={page_shift}"]
+    objs = []
+    obj = work / "kho.o"
+    _run([cc, *flags, *STRICT, *include_flags(staged), f"-I{DRIVER_DIR}", "-c", str(unit), "-o", str(obj)],
+         f"{KHO_C} against the shims")
+    objs.append(obj)
+    obj = work / "runtime.o"
+    _run([cc, *flags, *STRICT, f"-I{RUNTIME_DIR}", f"-I{gen}", "-c", str(RUNTIME_DIR / "kc_runtime.c"), "-o", str(obj)], "the runtime")
+    objs.append(obj)
+    libfdt = source.root / "scripts/dtc/libfdt"
+    for name in LIBFDT_SOURCES:
+        obj = work / f"{name}.o"
+        _run([cc, *flags, f"-I{libfdt}", "-w", "-c", str(libfdt / name), "-o", str(obj)], f"libfdt {name}")
+        objs.append(obj)
+    # Sanitizer runtimes come from the preloaded library, so only the plain
+    # flavor can insist that every symbol resolves at link time.
+    strict_link = ["-Wl,--no-undefined"] if flavor == "plain" else _flags(flavor)
+    link = [cc, "-shared", *strict_link, "-o", str(work / "libkho.so"), *map(str, objs), "-ldl", "-lc"]
+    _run(link, "the library")
+    meta = {
+        "compiler": cc, "api": ex.api, "compatible": ex.compatible, "doc_compatible": ex.doc_compatible,
+        "unit_bytes": len(ex.unit.encode()), "kept": ex.kept, "dropped": ex.dropped,
+        "seconds": round(time.monotonic() - start, 2),
+    }
+    (work / "build.json").write_text(json.dumps(meta, indent=1))
+    try:
+        if force and final.exists():
+            shutil.rmtree(final)
+        os.rename(work, final)
+    except OSError:  # another process finished the same build first: use theirs
+        shutil.rmtree(work, ignore_errors=True)
+    # Builds of this source from older project inputs will not be used again.
+    for stale in final.parent.glob(f"{source.digest()[:16]}-*-ps{page_shift}-{flavor}"):
+        if stale != final and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    return Build(library=library, source=source, page_shift=page_shift, flavor=flavor, **meta)

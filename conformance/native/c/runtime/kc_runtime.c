@@ -1,0 +1,631 @@
+/*
+ * The kernel's environment in userspace: a physical memory arena behind a
+ * direct map, a deterministic page allocator with fault injection, a sparse
+ * struct page store, memblock and warning recorders, and fault containment.
+ *
+ * Built against libc (unlike the kernel unit); shares only kc_runtime.h and
+ * the generated kc_contract.h with it.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/time.h>
+
+#include "kc_contract.h"
+#include "kc_runtime.h"
+
+#ifndef KC_PAGE_SHIFT
+#error "build with -DKC_PAGE_SHIFT"
+#endif
+#define PG_SIZE (1UL << KC_PAGE_SHIFT)
+/* Physical addresses [0, DIRECT_MAP_BYTES) have a virtual address; only the
+ * arena is backed, the rest faults and is reported. Pages above it get one of
+ * HIGH_SLOTS inaccessible trap pages, so that any address stays a number the
+ * kernel can store and read back, and never reaches host memory. */
+#define DIRECT_MAP_BYTES (1ULL << 40)
+#define HIGH_SLOTS 4096
+#define WARN_SITES 4096
+#define CPU_BUDGET_SECONDS 1
+
+static unsigned long kc_page_offset; /* host address of phys 0 */
+static unsigned char *high_map;
+static unsigned long long high_phys[HIGH_SLOTS];
+static unsigned int high_used;
+unsigned int kc_cur_op;
+
+static unsigned char *direct_map;
+static struct page *memmap; /* one struct page per pfn below KC_MAX_RAM_PFN */
+static unsigned long memmap_lo = ~0UL, memmap_hi; /* touched span, for reset */
+static struct kc_header hdr;
+static unsigned long arena_first_pfn, arena_mapped;
+static unsigned char *arena_order;  /* per arena page: order + 1 at a block head, 0 free */
+static unsigned char *arena_used;
+static unsigned long arena_hint = 1, arena_hwm = 1;
+static unsigned long long alloc_count;
+static int fault_armed, slab_ready, memory_init;
+static long managed_pages;
+static unsigned char warn_once_fired[WARN_SITES];
+static unsigned int warn_op = ~0u, warns_this_op; /* WARN_CAP per op */
+static struct page sink_page;
+
+static struct kc_rec *recs;
+static unsigned long nrecs, cap_recs;
+static char *text;
+static unsigned long ntext, cap_text;
+static unsigned char *snapshot;
+static unsigned long snapshot_pages;
+
+static sigjmp_buf protect_env;
+static volatile sig_atomic_t protecting;
+static volatile unsigned long long fault_addr;
+static volatile int fault_signal;
+
+static void *grow(void *p, unsigned long *cap, unsigned long need, size_t elem)
+{
+	if (need <= *cap)
+		return p;
+	while (*cap < need)
+		*cap = *cap ? *cap * 2 : 1024;
+	p = realloc(p, *cap * elem);
+	if (!p) {
+		fputs("kho-conform runtime: out of memory\n", stderr);
+		abort();
+	}
+	return p;
+}
+
+void kc_record(unsigned int kind, unsigned long long a, unsigned long long b, unsigned long long c)
+{
+	recs = grow(recs, &cap_recs, nrecs + 1, sizeof(*recs));
+	recs[nrecs++] = (struct kc_rec){ kind, kc_cur_op, a, b, c };
+}
+
+static void text_append(const char *buf, size_t n)
+{
+	text = grow(text, &cap_text, ntext + n + 1, 1);
+	memcpy(text + ntext, buf, n);
+	ntext += n;
+}
+
+/*
+ * vsnprintf with the kernel's pointer extensions the KHO code uses: %pa
+ * (a phys_addr_t passed by reference) and %pe (an ERR_PTR). Each conversion
+ * is formatted on its own so that the argument is fetched with its real type.
+ */
+static unsigned long long text_vadd(const char *fmt, va_list ap)
+{
+	unsigned long long off = ntext;
+	char spec[32], buf[256];
+	int n;
+
+	while (*fmt) {
+		const char *start = fmt;
+		size_t len;
+
+		if (*fmt != '%') {
+			while (*fmt && *fmt != '%')
+				fmt++;
+			text_append(start, fmt - start);
+			continue;
+		}
+		fmt++;
+		fmt += strspn(fmt, "-+ #0123456789.");
+		fmt += strspn(fmt, "hlzjt");
+		if (!*fmt)
+			break;
+		len = fmt - start + 1;
+		if (len >= sizeof(spec))
+			len = sizeof(spec) - 1;
+		memcpy(spec, start, len);
+		spec[len] = 0;
+		switch (*fmt) {
+		case 'p':
+			if (fmt[1] == 'a') {
+				n = snprintf(buf, sizeof(buf), "0x%016llx", *va_arg(ap, unsigned long long *));
+				fmt++;
+			} else if (fmt[1] == 'e') {
+				n = snprintf(buf, sizeof(buf), "%ld", (long)va_arg(ap, void *));
+				fmt++;
+			} else {
+				n = snprintf(buf, sizeof(buf), spec, va_arg(ap, void *));
+			}
+			break;
+		case 's':
+			n = snprintf(buf, sizeof(buf), spec, va_arg(ap, const char *));
+			break;
+		case '%':
+			n = snprintf(buf, sizeof(buf), "%%");
+			break;
+		default: /* integer conversions: by their length modifier */
+			if (strstr(spec, "ll") || strchr(spec, 'z') || strchr(spec, 'l') || strchr(spec, 'j') || strchr(spec, 't'))
+				n = snprintf(buf, sizeof(buf), spec, va_arg(ap, long long));
+			else
+				n = snprintf(buf, sizeof(buf), spec, va_arg(ap, int));
+		}
+		fmt++;
+		if (n > 0)
+			text_append(buf, n < (int)sizeof(buf) ? (size_t)n : sizeof(buf) - 1);
+	}
+	text_append("", 1);
+	return off;
+}
+
+unsigned long long kc_text(const char *fmt, ...)
+{
+	va_list ap;
+	unsigned long long off;
+
+	va_start(ap, fmt);
+	off = text_vadd(fmt, ap);
+	va_end(ap);
+	return off;
+}
+
+void kc_printk(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	kc_record(KC_REC_LOG, text_vadd(fmt, ap), 0, 0);
+	va_end(ap);
+}
+
+int kc_warn(int cond, int site, int once, const char *func, int line, const char *what)
+{
+	if (!cond)
+		return 0;
+	if (once && site < WARN_SITES) {
+		if (warn_once_fired[site])
+			return cond;
+		warn_once_fired[site] = 1;
+	}
+	if (kc_cur_op != warn_op) {
+		warn_op = kc_cur_op;
+		warns_this_op = 0;
+	}
+	if (warns_this_op++ < KC_WARN_CAP)
+		kc_record(KC_REC_WARN, kc_text("%s:%d: %s", func, line, what), 0, 0);
+	return cond;
+}
+
+void kc_bug(const char *func, int line, const char *what)
+{
+	kc_record(KC_REC_EVENT, kc_text("BUG at %s:%d: %s", func, line, what), 0, 0);
+	if (protecting)
+		siglongjmp(protect_env, 1);
+	abort();
+}
+
+long kc_strscpy(char *d, const char *s, unsigned long n)
+{
+	unsigned long len;
+
+	if (!n || n > 0x7fffffffUL) /* the kernel refuses counts past INT_MAX */
+		return -7; /* -E2BIG */
+	len = strnlen(s, n);
+	if (len == n) {
+		memcpy(d, s, n - 1);
+		d[n - 1] = 0;
+		return -7;
+	}
+	memcpy(d, s, len + 1);
+	return len;
+}
+
+/* ---- physical memory and struct pages ---- */
+
+void *kc_phys_to_virt(unsigned long long phys)
+{
+	unsigned long long base = phys & ~(unsigned long long)(PG_SIZE - 1);
+	unsigned int slot;
+
+	/* Like the kernel's direct map: an address outside the arena is a
+	 * number until something dereferences it (and then it faults). */
+	if (phys < DIRECT_MAP_BYTES)
+		return (void *)(kc_page_offset + (unsigned long)phys);
+	for (slot = 0; slot < high_used; slot++)
+		if (high_phys[slot] == base)
+			return high_map + slot * PG_SIZE + (phys - base);
+	if (high_used == HIGH_SLOTS) {
+		kc_record(KC_REC_EVENT, kc_text("more than %d distinct pages above the direct map", HIGH_SLOTS), 0, 0);
+		slot = HIGH_SLOTS - 1;
+	} else {
+		slot = high_used++;
+	}
+	high_phys[slot] = base;
+	return high_map + slot * PG_SIZE + (phys - base);
+}
+
+unsigned long long kc_virt_to_phys(const volatile void *virt)
+{
+	unsigned long v = (unsigned long)virt;
+
+	if (v >= (unsigned long)high_map && v < (unsigned long)high_map + HIGH_SLOTS * PG_SIZE) {
+		unsigned long off = v - (unsigned long)high_map;
+
+		return high_phys[off / PG_SIZE] + off % PG_SIZE;
+	}
+	return v - kc_page_offset;
+}
+
+int kc_is_ram(unsigned long pfn)
+{
+	if (pfn >= arena_first_pfn && pfn < arena_first_pfn + hdr.arena_pages)
+		return 1;
+	for (unsigned int i = 0; i < hdr.n_ram; i++)
+		if (pfn >= hdr.ram[i].a && pfn < hdr.ram[i].b)
+			return 1;
+	return 0;
+}
+
+static struct page *touch(unsigned long pfn)
+{
+	if (pfn < memmap_lo)
+		memmap_lo = pfn;
+	if (pfn + KC_RESTORE_PAGE_LIMIT > memmap_hi)
+		memmap_hi = pfn + KC_RESTORE_PAGE_LIMIT;
+	return &memmap[pfn];
+}
+
+struct page *kc_pfn_to_page(unsigned long pfn)
+{
+	if (kc_is_ram(pfn))
+		return touch(pfn);
+	/* No struct page exists here: hand out a scratch one, and say so when
+	 * the next kernel's memory init is what asked (NextKernel.phantom). */
+	if (memory_init)
+		kc_record(KC_REC_PHANTOM, pfn, 0, 0);
+	memset(&sink_page, 0, sizeof(sink_page));
+	sink_page.kc_pfn = pfn;
+	return &sink_page;
+}
+
+unsigned long kc_page_to_pfn(const struct page *page)
+{
+	if (page >= memmap && page < memmap + KC_MAX_RAM_PFN)
+		return page - memmap;
+	return page->kc_pfn;
+}
+
+struct page *kc_pfn_to_online_page(unsigned long pfn)
+{
+	return kc_is_ram(pfn) ? touch(pfn) : NULL;
+}
+
+int kc_pfn_to_nid(unsigned long pfn)
+{
+	int nid = 0;
+
+	for (unsigned int i = 0; i < hdr.n_numa && hdr.numa[i].a <= pfn; i++)
+		nid = (int)hdr.numa[i].b;
+	return nid;
+}
+
+void kc_adjust_managed(long pages)
+{
+	managed_pages += pages;
+}
+
+long kc_managed_pages(void)
+{
+	return managed_pages;
+}
+
+/* ---- page allocator: lowest free naturally aligned block first ---- */
+
+void *kc_arena_page(unsigned long index)
+{
+	return direct_map + KC_ARENA_BASE_PHYS + index * PG_SIZE;
+}
+
+unsigned long kc_arena_pages(void)
+{
+	return hdr.arena_pages;
+}
+
+unsigned long kc_arena_hwm(void)
+{
+	return arena_hwm;
+}
+
+static int block_free(unsigned long start, unsigned long n)
+{
+	for (unsigned long i = start; i < start + n; i++)
+		if (arena_used[i])
+			return 0;
+	return 1;
+}
+
+static void mark(unsigned long start, unsigned long n, int used)
+{
+	memset(arena_used + start, used, n);
+	if (used && start + n > arena_hwm)
+		arena_hwm = start + n;
+}
+
+void kc_arena_reserve(unsigned long first, unsigned long n)
+{
+	if (first >= hdr.arena_pages)
+		return;
+	if (first + n > hdr.arena_pages)
+		n = hdr.arena_pages - first;
+	mark(first, n, 1);
+}
+
+void *kc_alloc_pages(unsigned int order)
+{
+	unsigned long n, start;
+
+	alloc_count++;
+	if (fault_armed && hdr.fail_alloc && alloc_count == hdr.fail_alloc)
+		return NULL;
+	if (order >= 32)
+		return NULL;
+	n = 1UL << order;
+	start = order ? n : arena_hint;
+	for (; start + n <= hdr.arena_pages; start += order ? n : 1) {
+		if (!block_free(start, n))
+			continue;
+		mark(start, n, 1);
+		arena_order[start] = order + 1;
+		if (!order)
+			arena_hint = start + 1;
+		memset(kc_arena_page(start), 0, n * PG_SIZE);
+		return kc_arena_page(start);
+	}
+	return NULL;
+}
+
+void kc_free_pages(const void *addr)
+{
+	unsigned long long phys;
+	unsigned long index;
+
+	if (!addr)
+		return;
+	phys = kc_virt_to_phys(addr);
+	index = (phys - KC_ARENA_BASE_PHYS) / PG_SIZE;
+	if (phys < KC_ARENA_BASE_PHYS || index >= hdr.arena_pages || !arena_order[index]) {
+		kc_record(KC_REC_EVENT, kc_text("free of a page the allocator did not hand out: phys %#llx", phys), 0, 0);
+		return;
+	}
+	mark(index, 1UL << (arena_order[index] - 1), 0);
+	arena_order[index] = 0;
+	if (index < arena_hint)
+		arena_hint = index;
+}
+
+int kc_slab_is_available(void)
+{
+	return slab_ready;
+}
+
+/* The next kernel's memory init is over: the page allocator is up. */
+void kc_set_slab_ready(int ready)
+{
+	slab_ready = ready;
+	memory_init = !ready;
+}
+
+/* ---- memblock ---- */
+
+void kc_memblock_record(int kind, unsigned long long base, unsigned long long size)
+{
+	kc_record(KC_REC_MEMBLOCK, base, size, kind);
+}
+
+unsigned long long kc_memblock_end_of_dram(void)
+{
+	unsigned long long end = (unsigned long long)(arena_first_pfn + hdr.arena_pages) << KC_PAGE_SHIFT;
+
+	for (unsigned int i = 0; i < hdr.n_ram; i++)
+		if ((hdr.ram[i].b << KC_PAGE_SHIFT) > end)
+			end = hdr.ram[i].b << KC_PAGE_SHIFT;
+	for (unsigned int i = 0; i < hdr.n_scratch; i++)
+		if (hdr.scratch[i].a + hdr.scratch[i].b > end)
+			end = hdr.scratch[i].a + hdr.scratch[i].b;
+	return end;
+}
+
+/* ---- program lifecycle ---- */
+
+/* "lib.so+0x1234": symbolized to a kernel source line by the binding */
+static const char *code_location(void *pc)
+{
+	static char buf[256];
+	Dl_info info;
+
+	if (dladdr(pc, &info) && info.dli_fname)
+		snprintf(buf, sizeof(buf), "%s+%#lx", info.dli_fname, (unsigned long)pc - (unsigned long)info.dli_fbase);
+	else
+		snprintf(buf, sizeof(buf), "%p", pc);
+	return buf;
+}
+
+static struct sigaction previous[NSIG];
+
+static void on_fault(int sig, siginfo_t *info, void *uctx)
+{
+	if (!protecting) {
+		/* Not ours: another kernel library loaded in this process may be
+		 * running, or it is a real crash. */
+		if (previous[sig].sa_flags & SA_SIGINFO && previous[sig].sa_sigaction)
+			previous[sig].sa_sigaction(sig, info, uctx);
+		else if (previous[sig].sa_handler != SIG_DFL && previous[sig].sa_handler != SIG_IGN)
+			previous[sig].sa_handler(sig);
+		else {
+			signal(sig, SIG_DFL);
+			raise(sig);
+		}
+		return;
+	}
+	fault_signal = sig;
+	fault_addr = (unsigned long long)(unsigned long)(sig == SIGVTALRM ? 0 : info->si_addr);
+	siglongjmp(protect_env, 1);
+}
+
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KC_ASAN 1
+#endif
+#endif
+#ifdef KC_ASAN
+void __asan_set_error_report_callback(void (*callback)(const char *));
+
+/* With halt_on_error=0 ASan carries on after a report: keep it as a finding. */
+static void on_asan_report(const char *report)
+{
+	const char *summary = strstr(report, "SUMMARY: ");
+
+	kc_record(KC_REC_EVENT, kc_text("%.480s", summary ? summary : report), 0, 0);
+}
+#endif
+
+static void init_once(void)
+{
+	struct sigaction sa;
+
+	if (direct_map)
+		return;
+	direct_map = mmap(NULL, DIRECT_MAP_BYTES, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	high_map = mmap(NULL, HIGH_SLOTS * PG_SIZE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	memmap = mmap(NULL, KC_MAX_RAM_PFN * sizeof(struct page), PROT_READ | PROT_WRITE,
+		      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (direct_map == MAP_FAILED || memmap == MAP_FAILED || high_map == MAP_FAILED) {
+		fputs("kho-conform runtime: cannot reserve address space\n", stderr);
+		abort();
+	}
+	kc_page_offset = (unsigned long)direct_map;
+#ifdef KC_ASAN
+	__asan_set_error_report_callback(on_asan_report);
+#endif
+	arena_order = calloc(KC_MAX_ARENA_PAGES, 1);
+	arena_used = calloc(KC_MAX_ARENA_PAGES, 1);
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_sigaction = on_fault;
+	sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+	sigaction(SIGSEGV, &sa, &previous[SIGSEGV]);
+	sigaction(SIGBUS, &sa, &previous[SIGBUS]);
+	sigaction(SIGVTALRM, &sa, &previous[SIGVTALRM]);
+	sigaction(SIGILL, &sa, &previous[SIGILL]); /* UBSan built with -fsanitize-trap */
+}
+
+/* A new kernel (or program) starts with fresh struct pages: drop the span
+ * the last one touched. */
+static void forget_struct_pages(void)
+{
+	if (memmap_hi > memmap_lo) {
+		unsigned long lo = memmap_lo * sizeof(struct page) & ~4095UL;
+		unsigned long hi = memmap_hi < KC_MAX_RAM_PFN ? memmap_hi : KC_MAX_RAM_PFN;
+
+		madvise((char *)memmap + lo, hi * sizeof(struct page) - lo, MADV_DONTNEED);
+	}
+	memmap_lo = ~0UL;
+	memmap_hi = 0;
+}
+
+int kc_setup(const struct kc_header *h)
+{
+	unsigned long want;
+
+	init_once();
+	if (h->page_shift != KC_PAGE_SHIFT || h->arena_pages < 2 || h->arena_pages > KC_MAX_ARENA_PAGES ||
+	    h->n_ram > KC_MAX_RAM_RANGES || h->n_numa > KC_MAX_NUMA_RANGES || h->n_scratch > KC_MAX_SCRATCH)
+		return -1;
+	/* Forget the previous program: every arena page (a poke may have written
+	 * above the allocator's high-water mark), touched struct pages. */
+	if (arena_mapped)
+		madvise(kc_arena_page(0), arena_mapped, MADV_DONTNEED);
+	high_used = 0;
+	memset(arena_order, 0, hdr.arena_pages ? hdr.arena_pages : KC_MAX_ARENA_PAGES);
+	memset(arena_used, 0, hdr.arena_pages ? hdr.arena_pages : KC_MAX_ARENA_PAGES);
+	forget_struct_pages();
+	hdr = *h;
+	arena_first_pfn = KC_ARENA_BASE_PHYS >> KC_PAGE_SHIFT;
+	want = hdr.arena_pages * PG_SIZE;
+	if (want != arena_mapped) {
+		if (arena_mapped)
+			mprotect(kc_arena_page(0), arena_mapped, PROT_NONE);
+		mprotect(kc_arena_page(0), want, PROT_READ | PROT_WRITE);
+		arena_mapped = want;
+	}
+	arena_used[0] = 1; /* page 0: the scratch descriptors */
+	arena_hint = arena_hwm = 1;
+	alloc_count = 0;
+	managed_pages = 0;
+	nrecs = ntext = 0;
+	warn_op = ~0u;
+	snapshot_pages = 0;
+	kc_cur_op = KC_OP_BOOT;
+	return 0;
+}
+
+void kc_start_kernel(int next)
+{
+	forget_struct_pages();
+	memset(warn_once_fired, 0, sizeof(warn_once_fired));
+	memory_init = next; /* a next kernel starts with its memory init */
+	fault_armed = !next;
+	slab_ready = !next;
+	managed_pages = 0;
+}
+
+void kc_snapshot(void)
+{
+	snapshot = realloc(snapshot, arena_hwm * PG_SIZE);
+	memcpy(snapshot, kc_arena_page(0), arena_hwm * PG_SIZE);
+	snapshot_pages = arena_hwm;
+}
+
+int kc_protected(void (*fn)(void *), void *arg)
+{
+	struct itimerval budget = { { 0, 0 }, { CPU_BUDGET_SECONDS, 0 } };
+	struct itimerval off = { { 0, 0 }, { 0, 0 } };
+
+	if (sigsetjmp(protect_env, 1)) {
+		protecting = 0;
+		setitimer(ITIMER_VIRTUAL, &off, NULL);
+		if (fault_signal == SIGVTALRM)
+			kc_record(KC_REC_EVENT, kc_text("timeout: over %d s of CPU in kernel code", CPU_BUDGET_SECONDS), 0, 0);
+		else if (fault_signal == SIGILL)
+			kc_record(KC_REC_EVENT, kc_text("undefined behaviour trap at %s", code_location((void *)(unsigned long)fault_addr)), 0, 0);
+		else if (fault_signal)
+			kc_record(KC_REC_EVENT,
+				  kc_text("fault: %s at %#llx (phys %#llx), outside the arena", strsignal(fault_signal),
+					  fault_addr, kc_virt_to_phys((void *)(unsigned long)fault_addr)), 0, 0);
+		fault_signal = 0;
+		return 1;
+	}
+	protecting = 1;
+	setitimer(ITIMER_VIRTUAL, &budget, NULL);
+	fn(arg);
+	setitimer(ITIMER_VIRTUAL, &off, NULL);
+	protecting = 0;
+	return 0;
+}
+
+/* ---- what Python reads after a run ---- */
+
+const struct kc_rec *kc_records(unsigned long *n)
+{
+	*n = nrecs;
+	return recs;
+}
+
+const char *kc_text_buffer(unsigned long *n)
+{
+	*n = ntext;
+	return text;
+}
+
+const unsigned char *kc_snapshot_pages(unsigned long *n)
+{
+	*n = snapshot_pages;
+	return snapshot;
+}

@@ -1,0 +1,81 @@
+/*
+ * The userspace stand-in for the kernel's environment: physical memory, page
+ * allocator, struct page store, memblock recorder, warnings and printk.
+ *
+ * Plain C types only: this header is included both by the kernel translation
+ * unit (built -nostdinc against the shims) and by kc_runtime.c (built against
+ * libc), so it must not depend on either side's typedefs.
+ */
+#ifndef KC_RUNTIME_H
+#define KC_RUNTIME_H
+
+#include "kc_contract.h"
+
+/* The kernel's struct page, reduced to what KHO touches. */
+struct page {
+	unsigned long flags;
+	unsigned long private;
+	int _refcount;
+	unsigned int kc_order;     /* compound order of a head page */
+	unsigned long kc_pfn;      /* pfn of a detached page (made by the driver) */
+};
+struct folio {
+	struct page page;
+};
+
+/* physical memory: a direct map in which only the arena is backed */
+void *kc_phys_to_virt(unsigned long long phys);
+unsigned long long kc_virt_to_phys(const volatile void *virt);
+
+/* memmap */
+struct page *kc_pfn_to_page(unsigned long pfn);
+unsigned long kc_page_to_pfn(const struct page *page);
+struct page *kc_pfn_to_online_page(unsigned long pfn);
+int kc_pfn_to_nid(unsigned long pfn);
+
+/* page allocator: lowest free naturally aligned block, fault injection */
+void *kc_alloc_pages(unsigned int order);
+void kc_free_pages(const void *addr);
+int kc_slab_is_available(void);
+void kc_adjust_managed(long pages);
+long kc_managed_pages(void);
+void kc_set_slab_ready(int ready);
+
+/* memblock recorder */
+void kc_memblock_record(int kind, unsigned long long base, unsigned long long size);
+unsigned long long kc_memblock_end_of_dram(void);
+
+/* warnings and log */
+int kc_warn(int cond, int site, int once, const char *func, int line, const char *text);
+void kc_printk(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void kc_bug(const char *func, int line, const char *text) __attribute__((noreturn));
+
+/* kernel string helpers without a libc equivalent */
+long kc_strscpy(char *d, const char *s, unsigned long n);
+
+/* ---- between the driver (in the kernel unit) and the runtime ---- */
+
+/* Everything a run reports is an append-only list of records
+ * (struct kc_rec, enum kc_rec_kind: kc_contract.h). */
+extern unsigned int kc_cur_op;
+void kc_record(unsigned int kind, unsigned long long a, unsigned long long b, unsigned long long c);
+unsigned long long kc_text(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+struct kc_header;
+/* Reset all runtime state for a new program; non-zero for a bad header. */
+int kc_setup(const struct kc_header *h);
+/* Start a kernel: old (0) or next (1). Resets struct pages and warn-once. */
+void kc_start_kernel(int next);
+int kc_is_ram(unsigned long pfn);
+void *kc_arena_page(unsigned long index);
+unsigned long kc_arena_pages(void);
+unsigned long kc_arena_hwm(void); /* one past the highest page ever allocated */
+/* Keep [first, first + n) arena pages allocated: the handed-over image. */
+void kc_arena_reserve(unsigned long first, unsigned long n);
+/* Copy the arena's used pages aside: the old kernel's memory at kexec. */
+void kc_snapshot(void);
+/* Run fn(arg) so that a fault or a runaway loop ends it with a recorded
+ * event instead of killing the process; non-zero if it was ended. */
+int kc_protected(void (*fn)(void *), void *arg);
+
+#endif

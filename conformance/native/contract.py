@@ -1,0 +1,198 @@
+"""The wire contract between Python and the C driver and runtime, defined once.
+
+Everything both sides of the FFI must agree on is declared here, and the C
+side is generated from it (``c_header()`` -> ``kc_contract.h``, included by
+the driver, the runtime and the shims):
+
+- the packed program: ``struct kc_header`` then ``struct kc_step[]``
+  (the op kinds and limits of the op language, ``reference.program``);
+- the records a run leaves: ``struct kc_rec`` and its kinds (``Rec``), the
+  memblock call kinds (``Memblock``);
+- the foreign handover image: ``struct kc_image`` then, per page,
+  ``u64 phys`` and the page's bytes;
+- the error codes and result conventions of ``reference.outcome``.
+
+A struct is a list of (name, C type, count) fields; its ``struct`` format and
+its C declaration are both derived from that list.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from enum import IntEnum
+
+from reference.outcome import ERRNO, Image
+from reference.program import (
+    ARENA_BASE_PHYS,
+    MAX_ARENA_PAGES,
+    MAX_NAME,
+    MAX_NUMA_RANGES,
+    MAX_RAM_PFN,
+    MAX_RAM_RANGES,
+    MAX_SCRATCH,
+    NOT_RUN,
+    RESTORE_PAGE_LIMIT,
+    RESTORE_SKIPPED,
+    U64,
+    WARN_CAP,
+    Op,
+    Program,
+)
+
+
+class Rec(IntEnum):
+    """Record kinds: what a run reports, in order (``struct kc_rec``)."""
+
+    OP = 1  # a = rc, b = value, c = value2
+    WARN = 2  # a = text offset of "func:line: cond"
+    LOG = 3  # a = text offset
+    MEMBLOCK = 4  # a = base, b = size, c = Memblock kind
+    WALK = 5  # a = phys, b = order
+    WALK_NODE = 6  # a = phys
+    MAGIC = 7  # a = pfn, b = order
+    PHANTOM = 8  # a = pfn
+    EVENT = 9  # a = text offset: fault, timeout, sanitizer report, out-of-arena access
+    STATE = 10  # a = root phys, b = fdt phys, c = scratch count
+    BOOT = 11  # a = rc of the old kernel's KHO init
+
+
+class Memblock(IntEnum):
+    """memblock calls the runtime records (``Rec.MEMBLOCK``)."""
+
+    RESERVE = 1
+    NOINIT = 2
+    ADD = 3
+    SCRATCH = 4
+    FREE = 5
+
+
+OP_BOOT = 0xFFFFFFFF  # a record's op index outside any op: boot, or the end state
+RESTORE_ORDER_LIMIT = RESTORE_PAGE_LIMIT.bit_length() - 1  # restores of larger blocks are skipped
+
+_CTYPES = {"u32": ("kc_u32", "I"), "u64": ("kc_u64", "Q"), "range": ("struct kc_range", "QQ"), "char": ("char", "s")}
+Field = tuple[str, str, int]  # name, type, count (0: a scalar)
+
+HEADER_FIELDS: tuple[Field, ...] = (
+    ("page_shift", "u32", 0), ("n_ram", "u32", 0), ("n_numa", "u32", 0), ("n_scratch", "u32", 0),
+    ("fail_alloc", "u64", 0), ("arena_pages", "u64", 0),
+    ("ram", "range", MAX_RAM_RANGES),  # start_pfn, end_pfn
+    ("numa", "range", MAX_NUMA_RANGES),  # start_pfn, nid
+    ("scratch", "range", MAX_SCRATCH),  # phys, size
+)
+STEP_FIELDS: tuple[Field, ...] = (
+    ("op", "u32", 0), ("pad", "u32", 0), ("a", "u64", 0), ("b", "u64", 0), ("c", "u64", 0),
+    ("name", "char", MAX_NAME + 1),
+)
+REC_FIELDS: tuple[Field, ...] = (("kind", "u32", 0), ("op", "u32", 0), ("a", "u64", 0), ("b", "u64", 0), ("c", "u64", 0))
+IMAGE_FIELDS: tuple[Field, ...] = (
+    ("fdt_phys", "u64", 0), ("scratch_phys", "u64", 0), ("scratch_len", "u64", 0), ("npages", "u64", 0),
+)
+
+
+def _format(fields: Iterable[Field]) -> str:
+    out = "<"
+    for _, ctype, count in fields:
+        code = _CTYPES[ctype][1]
+        out += f"{count}s" if ctype == "char" else code * max(count, 1)
+    return out
+
+
+HEADER = struct.Struct(_format(HEADER_FIELDS))
+STEP = struct.Struct(_format(STEP_FIELDS))
+REC = struct.Struct(_format(REC_FIELDS))
+IMAGE = struct.Struct(_format(IMAGE_FIELDS))
+PAGE_PHYS = struct.Struct("<Q")  # before each page of an image
+
+
+def _pairs(items: tuple[tuple[int, int], ...], n: int) -> list[int]:
+    flat = [x for pair in items for x in pair]
+    return flat + [0] * (2 * n - len(flat))
+
+
+def pack_program(p: Program) -> bytes:
+    """The binary form the driver's ``kc_run`` reads."""
+    h = p.header
+    out = [HEADER.pack(h.page_shift, len(h.ram), len(h.numa), len(h.scratch), h.fail_alloc, h.arena_pages,
+                       *_pairs(h.ram, MAX_RAM_RANGES), *_pairs(h.numa, MAX_NUMA_RANGES),
+                       *_pairs(h.scratch, MAX_SCRATCH))]
+    out += [STEP.pack(int(s.op), 0, s.a & U64, s.b & U64, s.c & U64, s.name.encode()) for s in p.steps]
+    return b"".join(out)
+
+
+def pack_image(image: Image, page_size: int) -> bytes:
+    """A handover image made elsewhere, as the driver lays it into its arena:
+    the tree pages, the scratch descriptors' page and the FDT page."""
+    pages = dict(image.pages)
+    pages.setdefault(image.scratch_phys, image.scratch)
+    pages[image.fdt_phys] = image.fdt
+
+    def page(data: bytes) -> bytes:
+        return bytes(data[:page_size]).ljust(page_size, b"\0")
+
+    out = [IMAGE.pack(image.fdt_phys, image.scratch_phys, len(image.scratch), len(pages))]
+    out += [PAGE_PHYS.pack(phys & U64) + page(data) for phys, data in sorted(pages.items())]
+    return b"".join(out)
+
+
+def _c_struct(name: str, fields: tuple[Field, ...], size: int) -> str:
+    lines = [f"struct {name} {{"]
+    lines += [f"\t{_CTYPES[ctype][0]} {fname}{f'[{count}]' if count else ''};" for fname, ctype, count in fields]
+    lines += ["} __attribute__((packed));", f'_Static_assert(sizeof(struct {name}) == {size}, "{name} layout");']
+    return "\n".join(lines)
+
+
+def _c_enum(name: str, prefix: str, members: Iterable[tuple[str, int]]) -> str:
+    body = "\n".join(f"\t{prefix}{m} = {v}," for m, v in members)
+    return f"enum {name} {{\n{body}\n}};"
+
+
+def c_header() -> str:
+    """``kc_contract.h``: the C side of this module, for every C file of the
+    native stage. No <stdint.h>: the driver is built -nostdinc inside the
+    kernel unit."""
+    errnos = "\n".join(f"#ifndef {n}\n#define {n} {v}\n#endif" for n, v in sorted(ERRNO.items(), key=lambda kv: kv[1]))
+    return f"""/* Generated from conformance/native/contract.py: do not edit. */
+#ifndef KC_CONTRACT_H
+#define KC_CONTRACT_H
+#define KC_ARENA_BASE_PHYS {ARENA_BASE_PHYS:#x}ULL
+#define KC_MAX_RAM_PFN {MAX_RAM_PFN:#x}ULL
+#define KC_MAX_ARENA_PAGES {MAX_ARENA_PAGES}
+#define KC_MAX_RAM_RANGES {MAX_RAM_RANGES}
+#define KC_MAX_NUMA_RANGES {MAX_NUMA_RANGES}
+#define KC_MAX_SCRATCH {MAX_SCRATCH}
+#define KC_MAX_NAME {MAX_NAME}
+#define KC_RESTORE_PAGE_LIMIT {RESTORE_PAGE_LIMIT}ULL
+#define KC_RESTORE_ORDER_LIMIT {RESTORE_ORDER_LIMIT}
+#define KC_RESTORE_SKIPPED ({RESTORE_SKIPPED})
+#define KC_NOT_RUN ({NOT_RUN})
+#define KC_WARN_CAP {WARN_CAP}
+#define KC_OP_BOOT {OP_BOOT:#x}u
+{errnos}
+{_c_enum("kc_op", "KC_", ((k.name, int(k)) for k in Op))}
+{_c_enum("kc_rec_kind", "KC_REC_", ((k.name, int(k)) for k in Rec))}
+{_c_enum("kc_memblock_kind", "KC_MB_", ((k.name, int(k)) for k in Memblock))}
+typedef unsigned int kc_u32;
+typedef unsigned long long kc_u64;
+struct kc_range {{ kc_u64 a, b; }};
+{_c_struct("kc_header", HEADER_FIELDS, HEADER.size)}
+{_c_struct("kc_step", STEP_FIELDS, STEP.size)}
+{_c_struct("kc_rec", REC_FIELDS, REC.size)}
+{_c_struct("kc_image", IMAGE_FIELDS, IMAGE.size)}
+#endif
+"""
+
+
+def cdef() -> str:
+    """The cffi declarations of the driver's entry points (kept beside the
+    layouts they read and write)."""
+    return """
+    int kc_run(const void *program, unsigned long len, const void *image, unsigned long image_len);
+    const void *kc_records(unsigned long *n);
+    const char *kc_text_buffer(unsigned long *n);
+    const unsigned char *kc_snapshot_pages(unsigned long *n);
+    int kc_page_shift(void);
+    void kc_abi_constants(unsigned long long *out);
+    unsigned long long kc_encode_key(unsigned long long phys, unsigned int order);
+    unsigned long long kc_decode_key(unsigned long long key, unsigned int *order);
+    """

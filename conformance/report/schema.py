@@ -1,0 +1,114 @@
+"""The results schema: one conformance report, as every renderer and
+``report.json`` see it. :func:`load_report` rebuilds a report from its JSON,
+so a report can be re-rendered or compared later."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fuzz.stats import FuzzPoint
+
+from ..source.identity import short_digest
+
+STATUSES = ("pass", "fail", "known", "error", "skipped")
+# Characters XML 1.0 forbids (and lone surrogates, which cannot be written as UTF-8).
+_BAD_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str
+    seconds: float = 0.0
+    detail: str = ""
+    divergence: dict | None = None
+    known_id: str = ""
+    reproducer: str = ""
+
+    def __post_init__(self) -> None:
+        # A typo'd status would otherwise count as neither pass nor fail and slip past exit_status.
+        if self.status not in STATUSES:
+            raise ValueError(f"check {self.name!r}: status {self.status!r} is not one of {', '.join(STATUSES)}")
+
+
+@dataclass
+class Cell:
+    kernel: str
+    page_shift: int
+    flavor: str
+    source: dict
+    checks: list[CheckResult]
+    fuzz_timeline: list[FuzzPoint] = field(default_factory=list)
+    build_seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.kernel} ps{self.page_shift} {self.flavor}"
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(STATUSES, 0)
+        for check in self.checks:
+            out[check.status] += 1
+        return out
+
+
+@dataclass
+class Report:
+    title: str
+    created: str
+    tool_version: str
+    cells: list[Cell]
+    notes: list[str] = field(default_factory=list)
+
+
+def load_report(path: Path) -> Report:
+    """Rebuild a Report from a report.json written by :func:`write_report`."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    cells = [Cell(c["kernel"], c["page_shift"], c["flavor"], c.get("source", {}),
+                  [CheckResult(**k) for k in c.get("checks", [])], [FuzzPoint(**p) for p in c.get("fuzz_timeline", [])],
+                  c.get("build_seconds", 0.0)) for c in data["cells"]]
+    return Report(data["title"], data["created"], data["tool_version"], cells, list(data.get("notes", [])))
+
+
+def exit_status(report: Report) -> int:
+    """1 if any check failed or errored; known kernel bugs do not fail the run."""
+    return int(any(k.status in ("fail", "error") for c in report.cells for k in c.checks))
+
+
+def clean(text: Any) -> str:
+    return _BAD_XML.sub("\ufffd", str(text))
+
+
+def verdict(counts: dict[str, int]) -> str:
+    return "❌" if counts["fail"] or counts["error"] else "⚠" if counts["known"] else "✅"
+
+
+def source_label(source: dict) -> str:
+    return f"{source.get('version', '?')} via {source.get('provider', '?')} (files {short_digest(source)})"
+
+
+def divergences(report: Report) -> list[tuple[Cell, CheckResult]]:
+    return [(c, k) for c in report.cells for k in c.checks if k.status in ("fail", "known")]
+
+
+def check_names(report: Report) -> list[str]:
+    return list(dict.fromkeys(k.name for c in report.cells for k in c.checks))  # first-seen order
+
+
+def unique_sources(report: Report) -> list[dict]:
+    seen: dict[str, dict] = {}
+    for cell in report.cells:
+        seen.setdefault(json.dumps(cell.source, sort_keys=True, default=str), cell.source)
+    return list(seen.values())
+
+
+def divergence_fields(k: CheckResult) -> list[tuple[str, str]]:
+    d = k.divergence or {}
+    op = d.get("op_index")
+    return [("check", str(d.get("check", k.name))), ("op index", "—" if op is None else str(op)),
+            ("op", str(d.get("op", ""))), ("field", str(d.get("field", ""))),
+            ("signature", str(d.get("signature", "")))]

@@ -1,0 +1,23 @@
+"""The report on the terminal: a rich table, one row per cell."""
+
+from __future__ import annotations
+
+from rich.markup import escape as rich_escape
+from rich.table import Table
+
+from .schema import STATUSES, Report
+from .style import RICH
+
+
+def summary_table(report: Report) -> Table:
+    """One row per cell with coloured status counts, for the terminal."""
+    table = Table(title=report.title)
+    for col, justify in (("kernel", "left"), ("page shift", "right"), ("flavor", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for s in STATUSES:
+        table.add_column(s, justify="right", style=RICH[s])
+    for c in report.cells:
+        n = c.counts()
+        table.add_row(rich_escape(c.kernel), str(c.page_shift), rich_escape(c.flavor),
+                      *(str(n[s]) if n[s] else "[dim]0[/dim]" for s in STATUSES))
+    return table

@@ -1,0 +1,66 @@
+"""The identity of a kernel source: what every build, report and finding names.
+
+A :class:`KernelSource` is a directory holding the subset of a kernel tree the
+suite reads (``tree_files.NEEDED_PATHS``) plus the sha256 of each of those
+files. Its ``digest`` (over the file hashes only) keys builds in the cache and
+tells two reports whether they tested the same code; ``identity()`` is its
+serialised form and ``from_identity`` the one way back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import KhoConformError
+
+SHORT_DIGEST = 12  # characters of the digest shown in reports
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    version: str  # upstream version, e.g. "7.2.13"; "local-<Makefile version>" for trees
+    provider: str  # where it came from, e.g. "debian:linux-source-7.2=7.2.13-1"
+    root: Path  # directory holding the (partial) tree
+    files: dict[str, str] = field(hash=False)  # relative path -> sha256
+    makefile_version: str = ""  # VERSION.PATCHLEVEL.SUBLEVEL+EXTRAVERSION of the tree's Makefile
+    patches: tuple[tuple[str, str], ...] = ()  # (name, sha256) of each patch applied, in order
+
+    def digest(self) -> str:
+        """Content only: the same files from two providers share build results."""
+        h = hashlib.sha256()
+        for path, sha in sorted(self.files.items()):
+            h.update(f"{path}\0{sha}\n".encode())
+        return h.hexdigest()
+
+    @property
+    def release(self) -> str:
+        """The release number ("7.3.4"), also for a developer's "local-7.3.4" tree."""
+        m = re.search(r"\d+(\.\d+)+", self.makefile_version or self.version)
+        return m.group(0) if m else self.version
+
+    def identity(self) -> dict:
+        return {
+            "version": self.version,
+            "provider": self.provider,
+            "makefile_version": self.makefile_version,
+            "digest": self.digest(),
+            "files": dict(sorted(self.files.items())),
+            "patches": [list(p) for p in self.patches],
+        }
+
+    @classmethod
+    def from_identity(cls, identity: dict, root: Path) -> KernelSource:
+        """The inverse of ``identity()``, for files laid out under ``root``."""
+        try:
+            return cls(identity["version"], identity["provider"], Path(root), dict(identity["files"]),
+                       identity.get("makefile_version", ""), tuple(tuple(p) for p in identity.get("patches", ())))
+        except (KeyError, TypeError) as e:
+            raise KhoConformError(f"a source identity lacks {e}; it was not written by kho-conform") from None
+
+
+def short_digest(identity: dict) -> str:
+    """The digest of a serialised identity, as reports show it."""
+    return str(identity.get("digest") or "?")[:SHORT_DIGEST]

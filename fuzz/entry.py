@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""atheris entry point: fuzzer bytes -> op program -> model and kernel code
+-> compare.
+
+Run as ``python -m fuzz.entry [libFuzzer flags] [corpus dirs]`` or as this
+file directly. libFuzzer owns the command line; the entry point reads its own
+options from the environment:
+
+- ``KHO_FUZZ_SOURCE``: the kernel source, as ``KernelSource.identity()`` JSON
+  plus ``root`` (what ``fuzz.runner`` passes); or ``KHO_FUZZ_KERNEL``: a
+  version to fetch (default 7.2); or ``KHO_FUZZ_BUNDLE``: a directory with a
+  prebuilt library (``fuzz.runner.write_bundle``; a ``kho_target`` directory
+  beside this file or a PyInstaller bundle is used by default);
+- ``KHO_FUZZ_PAGE_SHIFT`` (12), ``KHO_FUZZ_FLAVOR`` (fuzz: native coverage
+  of the kernel code, ASan and UBSan);
+- ``KHO_FUZZ_CRASHES``: where findings are saved, minimized, fuzzing going
+  on. Unset, a new divergence raises, i.e. is a libFuzzer crash (the
+  ClusterFuzzLite/OSS-Fuzz convention);
+- ``KHO_FUZZ_MINIMIZE_RUNS`` (150): minimizer budget per finding;
+- ``KHO_FUZZ_ARGV0``: the command libFuzzer's fork/jobs modes re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a file: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import atheris
+
+from conformance.compare.diff import compare
+from conformance.compare.target import Target, target_for
+from conformance.compare.trace import trace
+from conformance.compare.triage import triage
+from conformance.native.build import BUNDLE_META, Build, build, load_bundle
+from conformance.native.sanitizer import ensure_process_for
+from conformance.source import DEFAULT_KERNEL, KernelSource, fetch
+from fuzz.decode import decode
+from fuzz.findings import save_finding
+from fuzz.minimize import minimize, signature_predicate
+
+BUNDLE_DIR = "kho_target"
+
+
+class DivergenceFound(Exception):
+    """A new divergence, raised when findings are not saved by the entry point."""
+
+
+def _default_bundle() -> Path | None:
+    for base in (getattr(sys, "_MEIPASS", None), Path(__file__).resolve().parent):
+        if base and (Path(base) / BUNDLE_DIR / BUNDLE_META).exists():
+            return Path(base) / BUNDLE_DIR
+    return None
+
+
+def _build_from_env() -> Build:
+    env = os.environ
+    bundle = env.get("KHO_FUZZ_BUNDLE") or _default_bundle()
+    if bundle and not env.get("KHO_FUZZ_SOURCE"):
+        return load_bundle(Path(bundle))
+    if env.get("KHO_FUZZ_SOURCE"):
+        identity = json.loads(env["KHO_FUZZ_SOURCE"])
+        source = KernelSource.from_identity(identity, Path(identity["root"]))
+    else:
+        source = fetch(env.get("KHO_FUZZ_KERNEL", DEFAULT_KERNEL))
+    return build(source, int(env.get("KHO_FUZZ_PAGE_SHIFT", "12")), env.get("KHO_FUZZ_FLAVOR", "fuzz"))
+
+
+class Fuzzer:
+    def __init__(self, target: Target, crashes: Path | None, minimize_runs: int) -> None:
+        self.target = target
+        self.crashes = crashes
+        self.minimize_runs = minimize_runs
+        self.page_shift = target.build.page_shift
+        self.seen: set[str] = set()  # signatures handled by this process
+
+    def __call__(self, data: bytes) -> None:
+        program = decode(data, self.page_shift)
+        c = compare(program, self.target)
+        if c.ok:
+            return
+        verdict = triage(c, self.target.build.source.release)
+        if verdict.status != "fail" or verdict.divergence.signature in self.seen:
+            return
+        signature = verdict.divergence.signature
+        self.seen.add(signature)
+        if self.crashes is None:
+            raise DivergenceFound(trace(c, self.target))
+        if (self.crashes / signature).exists():  # saved by an earlier worker
+            return
+        small = minimize(program, signature_predicate(self.target, signature), self.minimize_runs)
+        path = save_finding(self.crashes, small, c, self.target, data)
+        if path is not None:
+            # beside libFuzzer's own lines, for whoever reads the log
+            print(f"KHO-FINDING {signature} {path} ({len(small.steps)} ops)", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    b = _build_from_env()
+    if b.flavor != "plain" and not os.environ.get("LD_PRELOAD"):
+        ensure_process_for(b.flavor)  # re-execs with the sanitizer runtime
+    crashes = os.environ.get("KHO_FUZZ_CRASHES")
+    fuzzer: Fuzzer | None = None
+
+    def test_one_input(data: bytes) -> None:
+        assert fuzzer is not None
+        fuzzer(data)
+
+    argv = [os.environ.get("KHO_FUZZ_ARGV0") or sys.argv[0], *sys.argv[1:]]
+    atheris.Setup(argv, test_one_input)
+    # Loaded after Setup, so that libFuzzer registers the library's coverage counters.
+    fuzzer = Fuzzer(target_for(b), Path(crashes) if crashes else None, int(os.environ.get("KHO_FUZZ_MINIMIZE_RUNS", "150")))
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
