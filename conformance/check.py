@@ -123,15 +123,19 @@ def _doc_compatible(target: Target) -> CheckResult:
 
 
 def comparison_result(name: str, cmp: Comparison, target: Target, reproducer: str) -> CheckResult:
-    """A differential run as a check, by the triage policy."""
-    verdict = triage(cmp, target.build.source.release)
+    """A differential run as a check, by the triage policy: pass, known (every
+    divergence proven to be a known finding's) or fail (something new)."""
+    verdict = triage(cmp, target)
     if verdict.status == "pass":
         return CheckResult(name, "pass", detail=f"{len(cmp.program.steps)} ops agree")
     d = verdict.divergence
-    return CheckResult(
-        name, verdict.status, detail=d.line()[:300], divergence=d.to_json(),
-        known_id=",".join(k.id for k in verdict.known), reproducer=reproducer,
-    )
+    if verdict.status == "known":
+        proof = f"; the model with quirk(s) {', '.join(sorted(verdict.quirks))} agrees" if verdict.quirks else ""
+        detail = f"{verdict.known_ids}{proof}: {d.line()}"
+    else:
+        detail = d.line() + (f" (also known here: {verdict.known_ids})" if verdict.known else "")
+    return CheckResult(name, verdict.status, detail=detail[:300], divergence=d.to_json(),
+                       known_id=verdict.known_ids, reproducer=reproducer)
 
 
 def _scenario_checks(target: Target, plan: Plan, out: Path) -> Iterator[CheckResult]:

@@ -27,6 +27,8 @@ from reference.program import (
     Op,
     Program,
     Step,
+    filler_blob,
+    filler_name,
 )
 
 MAX_OLD_OPS = 32
@@ -266,9 +268,9 @@ def _blob_phys(r: _Reader, st: _State) -> int:
 _OLD_KINDS = (
     Op.PRESERVE_FOLIO, Op.PRESERVE_PAGES, Op.UNPRESERVE_FOLIO, Op.UNPRESERVE_PAGES, Op.RADIX_ADD,
     Op.RADIX_DEL, Op.ADD_SUBTREE, Op.REMOVE_SUBTREE, Op.RADIX_ADD_KEY, Op.RADIX_DEL_KEY,
-    Op.POKE_ARENA, Op.POKE_FDT, Op.RESTORE_FOLIO, Op.KEXEC,
+    Op.POKE_ARENA, Op.POKE_FDT, Op.RESTORE_FOLIO, Op.KEXEC, Op.FILL_FDT,
 )
-_OLD_WEIGHTS = (60, 50, 22, 20, 16, 12, 26, 10, 10, 6, 3, 3, 5, 5)
+_OLD_WEIGHTS = (60, 50, 22, 20, 16, 12, 26, 10, 10, 6, 3, 3, 5, 5, 6)
 _NEW_KINDS = (Op.RESTORE_FOLIO, Op.RESTORE_PAGES, Op.RETRIEVE_SUBTREE, Op.PRESERVE_FOLIO, Op.KEXEC)
 _NEW_WEIGHTS = (100, 80, 60, 10, 6)
 
@@ -323,6 +325,17 @@ def _old_step(r: _Reader, st: _State, kind: Op) -> Step:
     if kind == Op.POKE_FDT:
         offset = r.below(0x40) if r.chance(60) else r.below(1 << P)
         return Step(kind, offset, r.byte())
+    if kind == Op.FILL_FDT:
+        # Fillers bring the FDT page to (or near) full in one op, so that the
+        # subtree ops after it meet the edge: most fill to the brim.
+        first = 16 * r.below(4)
+        count = 1 << 20 if r.chance(60) else r.small(64)
+        name_len = MAX_NAME if r.chance(50) else r.below(MAX_NAME + 1)
+        for _ in range(2):  # later ops remove or retrieve some of them
+            index = first + r.small(64)
+            st.remember(st.subtrees, filler_blob(index, P))
+            st.remember(st.names, filler_name(index, name_len))
+        return Step(kind, first, count, name_len)
     if kind == Op.RESTORE_FOLIO:  # before any kexec: nothing was handed over
         return Step(kind, _phys_of(_pfn(r, st), P, r))
     return Step(Op.KEXEC)

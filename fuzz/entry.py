@@ -83,7 +83,7 @@ class Fuzzer:
         c = compare(program, self.target)
         if c.ok:
             return
-        verdict = triage(c, self.target.build.source.release)
+        verdict = triage(c, self.target, attribute=False)
         if verdict.status != "fail" or verdict.divergence.signature in self.seen:
             return
         signature = verdict.divergence.signature

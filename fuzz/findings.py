@@ -35,7 +35,7 @@ def save_finding(root: Path, program: Program, comparison: Comparison, target: T
     """Save ``program`` (the minimized reproducer of ``comparison``, which is
     the run of the original input) under ``root/<signature>``. None when the
     comparison is not a new failure or the signature is already saved."""
-    verdict = triage(comparison, target.build.source.release)
+    verdict = triage(comparison, target)
     if verdict.status != "fail":
         return None
     first = verdict.divergence
@@ -48,6 +48,7 @@ def save_finding(root: Path, program: Program, comparison: Comparison, target: T
         "first": (minimized.first or first).to_json(),
         "divergences": [d.to_json() for d in minimized.divergences],
         "events": list(minimized.kernel.events),
+        "reports": [r.where() for r in minimized.kernel.reports],
         "original_divergences": [d.to_json() for d in comparison.divergences],
         "kernel_version": target.build.source.version,
         "page_shift": target.build.page_shift,
@@ -99,7 +100,8 @@ def iter_findings(root: Path) -> Iterator[Path]:
 
 def needs_sanitizer(finding: dict) -> bool:
     """Whether a finding needs ASan/UBSan to show: found on a sanitizer
-    flavor with a sanitizer report among its events (faults and timeouts
-    the plain flavor reports too)."""
-    return finding.get("flavor", "plain") != "plain" and any(
-        not e.startswith(("fault:", "timeout:")) for e in finding.get("events", ()))
+    flavor with a sanitizer report (faults and timeouts the plain flavor
+    reports too; "undefined behaviour trap" events are reports saved before
+    UBSan recovered)."""
+    return finding.get("flavor", "plain") != "plain" and (bool(finding.get("reports")) or any(
+        not e.startswith(("fault:", "timeout:")) for e in finding.get("events", ())))

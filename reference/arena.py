@@ -8,7 +8,9 @@ attempt fails when the header asks for it; allocated pages are zeroed.
 Pages are kept sparse so that memory follows the number of keys, not the
 arena or the preserved ranges: a page is a dict of its non-zero u64 words
 (tree nodes, scratch and metadata pages), or a bytearray for a page whose
-bytes are owned elsewhere (the FDT).
+bytes are owned elsewhere (the FDT). Like physical memory, a freed page keeps
+what was written to it until it is allocated (and zeroed) again: a corrupted
+handover can point the next kernel at it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ class Arena:
         # Keyed by phys: the tree looks pages up by the addresses it stores.
         self._words: dict[int, Words] = {ARENA_BASE_PHYS: {i: v for i, v in enumerate(scratch) if v}}
         self._bytes: dict[int, bytearray] = {}
+        self._stale: dict[int, Words] = {}  # free pages' content
+
+    @property
+    def hwm(self) -> int:
+        """One past the highest page ever allocated: the old kernel's memory."""
+        return self._fresh
 
     def phys(self, index: int) -> int:
         return ARENA_BASE_PHYS + (index << self.page_shift)
@@ -82,14 +90,16 @@ class Arena:
         else:
             return None
         phys = self.phys(index)
+        self._stale.pop(phys, None)
         self._words[phys] = {}
         return phys
 
     def free(self, phys: int) -> None:
         index = self.index(phys)
         assert index is not None and index > 0, f"free of non-arena page {phys:#x}"
-        self._words.pop(phys, None)
-        self._bytes.pop(phys, None)
+        words = self._words.pop(phys, None)
+        if self._bytes.pop(phys, None) is not None or words:
+            self._stale[phys] = words or {}
         heapq.heappush(self._freed, index)
 
     def allocated(self) -> frozenset[int]:
@@ -110,20 +120,29 @@ class Arena:
         self._words[phys] = words_from_bytes(data, self.page_size)
 
     def poke(self, index: int, slot: int, value: int) -> None:
-        """Write a u64 at word ``slot`` of page ``index``. Out of the arena,
-        past the page, or on a free page (zeroed when allocated): no effect."""
+        """Write a u64 at word ``slot`` of page ``index``, in use or free.
+        Out of the arena or past the page: no effect."""
         if index >= self.npages or slot >= self.page_size // 8:
             return
         value &= U64
         phys = self.phys(index)
         if phys in self._bytes:
             struct.pack_into("<Q", self._bytes[phys], 8 * slot, value)
-        elif phys in self._words:
-            page = self._words[phys]
-            if value:
-                page[slot] = value
-            else:
-                page.pop(slot, None)
+            return
+        page = self._words.get(phys)
+        if page is None:
+            page = self._stale.setdefault(phys, {})
+        if value:
+            page[slot] = value
+        else:
+            page.pop(slot, None)
+
+    def content(self) -> dict[int, Words]:
+        """Every page of the arena with non-zero content, as words: in use,
+        free (stale), or owned elsewhere (the FDT)."""
+        out = {p: w for p, w in (*self._stale.items(), *self._words.items()) if w}
+        out.update((p, words_from_bytes(b, self.page_size)) for p, b in self._bytes.items())
+        return out
 
     def page_bytes(self, phys: int) -> bytes:
         if phys in self._bytes:

@@ -90,6 +90,8 @@ class Fdt:
         # copied a negative length: C then touches other memory (or crashes)
         # and the model stops predicting the C bytes exactly.
         self.out_of_bounds = False
+        # (struct limit, struct offset, version, probe result) during a read-only scan
+        self._frozen: tuple[int, int, int, int] | None = None
 
     # -- memory ----------------------------------------------------------
     def _span(self, off: int, n: int) -> tuple[int, int]:
@@ -225,14 +227,28 @@ class Fdt:
     def _struct_limit(self) -> int:
         """Structure-block offsets below this are readable: inside totalsize
         and (v17+) inside size_dt_struct."""
+        if self._frozen:
+            return self._frozen[0]
         h = self._header()
         return min(h[1] - h[2], h[9]) if h[5] >= 17 else h[1] - h[2]
+
+    def _scan_start(self) -> int:
+        """Begin a read-only scan: the header cannot change until
+        ``_scan_end``, so the fields every tag read needs are read once
+        (a scan of n nodes re-read them n times). Returns the probe result."""
+        probe = self._ro_probe()
+        self._frozen = (self._struct_limit(), self._u32(OFF_DT_STRUCT), self._u32(VERSION), probe)
+        return probe
+
+    def _scan_end(self) -> None:
+        self._frozen = None
 
     def _next_tag(self, off: int) -> tuple[int, int]:
         """(tag, next offset). A malformed tag reads as FDT_END with a negative
         next offset: -TRUNCATED if the tag itself is out of range, else
         -BADSTRUCTURE."""
-        limit, base = self._struct_limit(), self._u32(OFF_DT_STRUCT)
+        limit = self._struct_limit()
+        base = self._frozen[1] if self._frozen else self._u32(OFF_DT_STRUCT)
         if off < 0 or off + 4 > limit:
             return FDT_END, -FDT_ERR_TRUNCATED
         tag = self._u32(base + off)
@@ -249,7 +265,7 @@ class Fdt:
             if (n + off) & U32 >= INT_MAX or (n + off) & U32 < off:
                 return FDT_END, -FDT_ERR_BADSTRUCTURE
             off += 8 + n
-            if self._u32(VERSION) < 16 and n >= 8 and (off - n) % 8:
+            if (self._frozen[2] if self._frozen else self._u32(VERSION)) < 16 and n >= 8 and (off - n) % 8:
                 off += 4  # pre-v16 trees 8-align values of 8 bytes or more
         elif tag not in (FDT_END, FDT_END_NODE, FDT_NOP):
             return FDT_END, -FDT_ERR_BADSTRUCTURE
@@ -290,13 +306,13 @@ class Fdt:
         return off
 
     def _get_name(self, off: int) -> bytes | int:
-        err = self._ro_probe()
+        err = self._frozen[3] if self._frozen else self._ro_probe()
         err = err if err < 0 else self._check_tag(off, FDT_BEGIN_NODE)
         if err < 0:
             return err
-        start = self._u32(OFF_DT_STRUCT) + off + 4  # NUL-ended: checked above
+        start = (self._frozen[1] if self._frozen else self._u32(OFF_DT_STRUCT)) + off + 4  # NUL-ended: checked above
         name = self._read(start, self._find0(start, start + len(self.buf) + 1) - start)
-        if self._u32(VERSION) < 16:  # pre-v16 nodes hold full paths
+        if (self._frozen[2] if self._frozen else self._u32(VERSION)) < 16:  # pre-v16 nodes hold full paths
             if b"/" not in name:
                 return -FDT_ERR_BADSTRUCTURE
             name = name.rsplit(b"/", 1)[1]
@@ -398,18 +414,21 @@ class Fdt:
         """fdt_subnode_offset. "foo" also matches "foo@unit" unless the
         searched name has an '@' itself."""
         want = _cstr(name)
-        err = self._ro_probe()
-        if err < 0:
-            return err
-        off, depth = parent, 0
-        while off >= 0 and depth >= 0:
-            if depth == 1:
-                got = self._get_name(off)
-                if isinstance(got, bytes) and got[:len(want)] == want and (
-                        len(got) == len(want) or (b"@" not in want and got[len(want)] == 0x40)):
-                    return off
-            off, depth = self._next_node(off, depth)
-        return -FDT_ERR_NOTFOUND if depth < 0 else off
+        err = self._scan_start()
+        try:
+            if err < 0:
+                return err
+            off, depth = parent, 0
+            while off >= 0 and depth >= 0:
+                if depth == 1:
+                    got = self._get_name(off)
+                    if isinstance(got, bytes) and got[:len(want)] == want and (
+                            len(got) == len(want) or (b"@" not in want and got[len(want)] == 0x40)):
+                        return off
+                off, depth = self._next_node(off, depth)
+            return -FDT_ERR_NOTFOUND if depth < 0 else off
+        finally:
+            self._scan_end()
 
     def node_check_compatible(self, node: int, compatible: str | bytes) -> int:
         """0 if the "compatible" string list holds ``compatible``, 1 if not,

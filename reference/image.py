@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from .arena import Words, words_from_bytes, words_to_bytes
 from .outcome import Image
+from .program import Header
 from .tree import PageOf
 
 
@@ -57,3 +58,43 @@ def page_reader(image: Image) -> PageOf:
 def scratch_entries(data: bytes) -> list[tuple[int, int]]:
     """struct kho_scratch {u64 addr; u64 size;} entries; a trailing partial entry is ignored."""
     return [struct.unpack_from("<QQ", data, off) for off in range(0, len(data) - 15, 16)]
+
+
+def memory_pages(image: Image) -> dict[int, bytes]:
+    """The old kernel's memory as the image holds it, page by page: every
+    page it has, with the FDT and the scratch descriptors (as the image
+    says they are) over whatever else the page held."""
+    pages: dict[int, bytes] = {**image.other_pages, **image.pages}
+    for phys, head in ((image.scratch_phys, image.scratch), (image.fdt_phys, image.fdt)):
+        pages[phys] = bytes(head) + bytes(pages.get(phys, b""))[len(head):]
+    return pages
+
+
+class PageFault(Exception):
+    """The next kernel read memory the old kernel never had: a fault."""
+
+
+def memory_reader(image: Image, header: Header) -> Callable[[int], Words]:
+    """Words of the page-sized span at any phys, as the next kernel's direct
+    map shows the old kernel's memory (quirk next-kernel-trusts-tree): the
+    image's pages where it has them, zeros elsewhere in the arena, and a
+    PageFault outside it. A span may straddle two pages."""
+    page_size = 1 << image.page_shift
+    lo, hi = header.arena_range()
+    lo, hi = lo << image.page_shift, hi << image.page_shift
+    pages = memory_pages(image)
+    cache: dict[int, Words] = {}
+
+    def page(phys: int) -> bytes:
+        return bytes(pages.get(phys, b"")[:page_size]).ljust(page_size, b"\0")
+
+    def read(phys: int) -> Words:
+        if not lo <= phys <= hi - page_size:
+            raise PageFault(f"the next kernel reads {phys:#x}, outside the old kernel's memory")
+        if phys not in cache:
+            base, off = phys & -page_size, phys & (page_size - 1)
+            data = page(base)[off:] + page(base + page_size)[:off] if off else page(base)
+            cache[phys] = words_from_bytes(data, page_size)
+        return cache[phys]
+
+    return read

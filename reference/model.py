@@ -23,20 +23,53 @@ Model policies, in one place:
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+from . import quirks
 from .arena import Arena
 from .fdt import Fdt, kho_add_subtree, kho_remove_subtree, kho_root_fdt
 from .geometry import Geometry, geometry
-from .image import PageStore, page_reader, scratch_entries
-from .keys import decode, in_domain, page_chunks, pfn_key, range_in_domain
+from .image import PageFault, PageStore, memory_reader, page_reader, scratch_entries
+from .keys import (
+    NUMA_ENDPOINTS,
+    NUMA_INSIDE,
+    NUMA_NONE,
+    RunawayLoop,
+    decode,
+    in_domain,
+    kernel_decode,
+    kernel_key,
+    pfn_key,
+    range_blocks,
+    range_in_domain,
+    x86_int_shift,
+    x86_shl64,
+)
 from .outcome import EINVAL, ENOENT, ENOMEM, EOPNOTSUPP, ERANGE, Image, NextBoot, OpResult, Outcome, TreeNode
 from .profiles import Profile
-from .program import ARENA_BASE_PHYS, NEW_KERNEL_OPS, RESTORE_PAGE_LIMIT, RESTORE_SKIPPED, WARN_CAP, Header, Op, Program, Step
-from .tree import RadixTree, TreeError, leaf_bits, traverse
+from .program import (
+    ARENA_BASE_PHYS,
+    NEW_KERNEL_OPS,
+    NOT_RUN,
+    RESTORE_PAGE_LIMIT,
+    RESTORE_SKIPPED,
+    U64,
+    WARN_CAP,
+    Header,
+    Op,
+    Program,
+    Step,
+    filler_blob,
+    filler_name,
+)
+from .quirks import check as quirks_check
+from .scratch import SLOW_WORK, free_gib_blocks, kernel_extend_scratch
+from .tree import RadixTree, TreeError, kernel_walk, leaf_bits, traverse
 
 OK = OpResult()
 UNSUPPORTED = OpResult(-EOPNOTSUPP)
+NOT_RUN_RESULT = OpResult(NOT_RUN)
 NULL = -1  # restore ops: the kernel returned NULL
 
 WARN_DEL_ABSENT = "radix-del-absent"
@@ -50,7 +83,14 @@ METADATA = struct.pack("<I65sI", 1, RELEASE, 1)
 MEMORY_MAP_PROP = "preserved-memory-map"
 SUBTREE_DATA_PROP = "preserved-data"
 SUBTREE_SIZE_PROP = "blob-size"
-GIB_SHIFT = 30  # extend-scratch granularity
+
+
+class KernelFault(Exception):
+    """Under a quirk, the kernel dereferences memory that is not there."""
+
+
+class KernelRunaway(Exception):
+    """Under a quirk, a kernel loop never ends."""
 
 
 # ---- old kernel ------------------------------------------------------------
@@ -68,9 +108,10 @@ class Snapshot:
 
 
 class OldKernel:
-    def __init__(self, header: Header, profile: Profile) -> None:
+    def __init__(self, header: Header, profile: Profile, quirks: frozenset[str] = frozenset()) -> None:
         self.header = header
         self.profile = profile
+        self.quirks = quirks
         self.geo: Geometry = geometry(header.page_shift)
         self.arena = Arena(header)
         self.enabled = False
@@ -79,7 +120,7 @@ class OldKernel:
         self.fdt_phys = 0
         self.pokes: list[Step] = []
         # New-kernel ops run here see a kernel that received no handover.
-        self.no_handover = NextKernel(header, accepted=False, magic={}, fdt=None, booted=False)
+        self.no_handover = NextKernel(header, accepted=False, magic={}, fdt=None, booted=False, quirks=quirks)
 
     def boot(self) -> OpResult:
         """KHO init. On failure KHO stays disabled; what was allocated no
@@ -118,38 +159,87 @@ class OldKernel:
 
     def _apply(self, step: Step) -> OpResult:
         assert self.tree is not None and self.fdt is not None
-        op, a, b, P = step.op, step.a, step.b, self.header.page_shift
+        op, a, b = step.op, step.a, step.b
         if op in (Op.PRESERVE_FOLIO, Op.RADIX_ADD):
-            if not in_domain(a, b, P):  # Model policy: the kernel does not validate
+            key = self._folio_key(a, b)
+            if key is None:  # Model policy: the kernel does not validate
                 return OpResult(-EINVAL)
-            return OpResult(self.tree.add(pfn_key(a, b, P)))
+            return OpResult(self._add(key))
         if op in (Op.UNPRESERVE_FOLIO, Op.RADIX_DEL):
-            if not in_domain(a, b, P):
-                return OpResult(-EINVAL)
-            return self._delete([pfn_key(a, b, P)])
+            key = self._folio_key(a, b)
+            return OpResult(-EINVAL) if key is None else self._delete([key])
         if op == Op.PRESERVE_PAGES:
-            if not range_in_domain(a, b, P):
-                return OpResult(-EINVAL)
-            return OpResult(self._preserve_pages(a, b))
+            return self._preserve_pages(a, b)
         if op == Op.UNPRESERVE_PAGES:
-            if not range_in_domain(a, b, P):
-                return OpResult(-EINVAL)
-            return self._delete([pfn_key(pfn, order, P) for pfn, order in page_chunks(a, b, self.header)])
+            blocks = self._range_blocks(a, b, self._preserve_numa())
+            return blocks if isinstance(blocks, OpResult) else self._delete([self._block_key(*k) for k in blocks])
         if op in (Op.RADIX_ADD_KEY, Op.RADIX_DEL_KEY):
             if not self.profile.key_api:
                 return UNSUPPORTED
-            if a.bit_length() > self.geo.key_width:
-                return OpResult(-ERANGE) if op == Op.RADIX_ADD_KEY else OK
-            return OpResult(self.tree.add(a)) if op == Op.RADIX_ADD_KEY else self._delete([a])
+            return OpResult(self._add(a)) if op == Op.RADIX_ADD_KEY else self._delete([a])
         if op == Op.ADD_SUBTREE:
             return OpResult(kho_add_subtree(self.fdt, self.geo.page_size, step.name, a, b))
         if op == Op.REMOVE_SUBTREE:
             kho_remove_subtree(self.fdt, self.geo.page_size, a)
             return OK
+        if op == Op.FILL_FDT:
+            for i in range(b):
+                index = (a + i) & U64
+                rc = kho_add_subtree(self.fdt, self.geo.page_size, filler_name(index, step.c),
+                                     filler_blob(index, self.header.page_shift), index)
+                if rc:
+                    return OpResult(rc, i)
+            return OpResult(0, b)
         if op in (Op.POKE_ARENA, Op.POKE_FDT):
             self.pokes.append(step)  # they corrupt the image at handover
             return OK
         raise AssertionError(f"unhandled op {op!r}")
+
+    def _folio_key(self, pfn: int, order: int) -> int | None:
+        """The key of a folio, or None where the model refuses it."""
+        P = self.header.page_shift
+        if in_domain(pfn, order, P):
+            return pfn_key(pfn, order, P)
+        return kernel_key(pfn, order, P) if quirks.UNVALIDATED_DOMAIN in self.quirks else None
+
+    def _block_key(self, pfn: int, order: int) -> int:
+        """A range block's key; blocks outside the key domain exist only
+        under unvalidated-domain, which keys them as the kernel does."""
+        P = self.header.page_shift
+        return pfn_key(pfn, order, P) if in_domain(pfn, order, P) else kernel_key(pfn, order, P)
+
+    def _add(self, key: int) -> int:
+        """Add a key; the key API refuses keys wider than the key width."""
+        assert self.tree is not None
+        if self.profile.key_api and key.bit_length() > self.geo.key_width:
+            return -ERANGE
+        return self.tree.add(key)
+
+    def _preserve_numa(self) -> str:
+        return NUMA_ENDPOINTS if quirks.NUMA_ENDPOINT_CHECK in self.quirks else NUMA_INSIDE
+
+    def _range_blocks(self, pfn: int, nr_pages: int, numa: str) -> Iterator[tuple[int, int]] | OpResult:
+        """The blocks of a page range, walked as the kernel walks them (one at
+        a time: under range-int-shift the walk may run away only after the
+        blocks before it were added), or the op's result when there is
+        nothing to walk: -EINVAL out of the key domain (model policy)."""
+        P = self.header.page_shift
+        q = self.quirks
+        if quirks.UNVALIDATED_DOMAIN in q:
+            end = (pfn + nr_pages) & U64  # a range that wraps is empty
+        elif range_in_domain(pfn, nr_pages, P):
+            end = pfn + nr_pages
+        else:
+            return OpResult(-EINVAL)
+
+        def walk() -> Iterator[tuple[int, int]]:
+            try:
+                yield from range_blocks(pfn, end, self.header, numa, kernel=quirks.UNVALIDATED_DOMAIN in q,
+                                        int_shift=quirks.RANGE_INT_SHIFT in q)
+            except RunawayLoop as e:
+                raise KernelRunaway(str(e)) from None
+
+        return walk()
 
     def corrupt_image(self) -> None:
         """Apply the pokes: they stand for corruption of the handover image in
@@ -161,27 +251,40 @@ class OldKernel:
                 self.fdt.buf[step.a] = step.b & 0xFF
 
     def _delete(self, keys: list[int]) -> OpResult:
+        """Clear keys; each whose path lacks a table warns (as the kernel's
+        delete does). The key API ignores keys wider than the key width."""
         assert self.tree is not None
+        if self.profile.key_api:
+            keys = [k for k in keys if k.bit_length() <= self.geo.key_width]
         absent = sum(not self.tree.delete(k) for k in keys)
         return OpResult(warnings=(WARN_DEL_ABSENT,) * min(absent, WARN_CAP)) if absent else OK
 
-    def _preserve_pages(self, pfn: int, nr_pages: int) -> int:
+    def _preserve_pages(self, pfn: int, nr_pages: int) -> OpResult:
         """Add every block; on failure remove the keys this call set (keys
-        that were already present stay) and return the error."""
+        that were already present stay) and return the error. Quirk
+        preserve-pages-rollback: remove every block of the range before the
+        failing one, recomputed for the range that ends there."""
         assert self.tree is not None
-        P = self.header.page_shift
+        numa = self._preserve_numa()
+        blocks = self._range_blocks(pfn, nr_pages, numa)
+        if isinstance(blocks, OpResult):
+            return blocks
         added: list[int] = []
-        for start, order in page_chunks(pfn, nr_pages, self.header):
-            key = pfn_key(start, order, P)
+        for start, order in blocks:
+            key = self._block_key(start, order)
             present = self.tree.contains(key)
-            rc = self.tree.add(key)
+            rc = self._add(key)
+            if rc and quirks.PRESERVE_PAGES_ROLLBACK in self.quirks:
+                done = self._range_blocks(pfn, start - pfn, numa)
+                undo = OK if isinstance(done, OpResult) else self._delete([self._block_key(*k) for k in done])
+                return OpResult(rc, warnings=undo.warnings)
             if rc:
                 for k in added:
                     self.tree.delete(k)
-                return rc
+                return OpResult(rc)
             if not present:
                 added.append(key)
-        return 0
+        return OK
 
     def snapshot(self) -> Snapshot:
         if not self.enabled:
@@ -195,7 +298,9 @@ class OldKernel:
         pages = PageStore({v.phys: dict(v.words) for v in visits}, self.geo.page_size)
         fdt = bytes(self.fdt.buf[: self.fdt.totalsize()])
         scratch = self.arena.page_bytes(ARENA_BASE_PHYS)[: 16 * len(self.header.scratch)]
-        image = Image(self.header.page_shift, self.fdt_phys, fdt, ARENA_BASE_PHYS, scratch, pages)
+        other = {p: w for p, w in self.arena.content().items() if p not in pages and p != ARENA_BASE_PHYS}
+        image = Image(self.header.page_shift, self.fdt_phys, fdt, ARENA_BASE_PHYS, scratch, pages,
+                      PageStore(other, self.geo.page_size), self.arena.hwm)
         return Snapshot(self.tree.root, tree, pages, fdt, image)
 
 
@@ -205,8 +310,10 @@ class OldKernel:
 class NextKernel:
     """A kernel after boot: the restore side of KHO."""
 
-    def __init__(self, header: Header, accepted: bool, magic: dict[int, int], fdt: Fdt | None, booted: bool = True) -> None:
+    def __init__(self, header: Header, accepted: bool, magic: dict[int, int], fdt: Fdt | None, booted: bool = True,
+                 quirks: frozenset[str] = frozenset()) -> None:
         self.header = header
+        self.quirks = quirks
         self.accepted = accepted
         self.booted = booted  # False: restore ops issued where no next kernel runs
         self.magic = magic  # pfn -> order of head pages still carrying the KHO magic
@@ -234,20 +341,24 @@ class NextKernel:
             return OpResult(NULL, 0, restored, warnings=(WARN_BAD_MAGIC,))
         return OpResult(NULL, 0, restored)
 
+    def _pages(self, order: int) -> int:
+        """Pages a restored block hands to the managed count."""
+        return x86_int_shift(order) if quirks.RANGE_INT_SHIFT in self.quirks else 1 << order
+
     def _restore_folio(self, phys: int) -> OpResult:
         pfn = phys >> self.header.page_shift
         if not self.accepted or not self.header.is_ram(pfn) or pfn not in self.magic:
             return self._bad_head(pfn)
-        nr = 1 << self.magic[pfn]
-        if nr > RESTORE_PAGE_LIMIT:
+        if 1 << self.magic[pfn] > RESTORE_PAGE_LIMIT:
             return OpResult(RESTORE_SKIPPED)
-        del self.magic[pfn]
-        return OpResult(0, pfn, nr)
+        return OpResult(0, pfn, self._pages(self.magic.pop(pfn)))
 
     def _restore_pages(self, phys: int, nr_pages: int) -> OpResult:
         """Model policy: expect exactly the blocks preserve_pages makes for
         this range under this machine's NUMA layout; blocks restored before a
-        mismatch stay restored."""
+        mismatch stay restored. Quirks: the blocks recomputed without NUMA
+        (restore-pages-numa-split); each head restored by its stored order
+        and never compared with the block expected (restore-trusts-page-order)."""
         pfn = phys >> self.header.page_shift
         # The driver does not run restores that would initialise more than
         # RESTORE_PAGE_LIMIT struct pages: a long range, or a huge block
@@ -256,15 +367,21 @@ class NextKernel:
             pfn <= p < pfn + nr_pages and (1 << o) > RESTORE_PAGE_LIMIT for p, o in self.magic.items()
         ):
             return OpResult(RESTORE_SKIPPED)
+        q = self.quirks
+        numa = NUMA_NONE if quirks.RESTORE_PAGES_NUMA_SPLIT in q else NUMA_INSIDE
+        trust = quirks.RESTORE_TRUSTS_PAGE_ORDER in q
+        try:
+            blocks = list(range_blocks(pfn, pfn + nr_pages, self.header, numa, int_shift=quirks.RANGE_INT_SHIFT in q))
+        except RunawayLoop as e:
+            raise KernelRunaway(str(e)) from None
         restored = 0  # pages handed to the managed count before a failure
-        for start, order in page_chunks(pfn, nr_pages, self.header):
+        for start, order in blocks:
             if not self.accepted or not self.header.is_ram(start) or start not in self.magic:
                 return self._bad_head(start, restored)
-            if self.magic[start] != order:
+            if self.magic[start] != order and not trust:
                 return OpResult(NULL, 0, restored)
-            del self.magic[start]
-            restored += 1 << order
-        return OpResult(0, pfn, nr_pages)
+            restored += self._pages(self.magic.pop(start))
+        return OpResult(0, pfn, restored)
 
     def _retrieve(self, name: str) -> OpResult:
         if not self.accepted or self.fdt is None:
@@ -283,10 +400,12 @@ def _u64(data: bytes) -> int:
     return int.from_bytes(data[:8], "little")
 
 
-def handover(image: Image, header: Header, profile: Profile) -> tuple[NextBoot, dict[int, int], Fdt | None]:
+def handover(image: Image, header: Header, profile: Profile,
+             quirk_set: frozenset[str] = frozenset()) -> tuple[NextBoot, dict[int, int], Fdt | None]:
     """Boot of the next kernel on ``image``: validate it, walk the preserved
-    map, and record what memblock would be told. Any image, never raises:
-    a bad one gives ``accepted=False`` and a reason (and nothing else)."""
+    map, and record what memblock would be told. Any image: a bad one gives
+    ``accepted=False`` and a reason (and nothing else). Under quirks the
+    walk may fault (KernelFault) or never end (KernelRunaway)."""
 
     def reject(reason: str) -> tuple[NextBoot, dict[int, int], None]:
         return NextBoot(accepted=False, reason=reason), {}, None
@@ -307,19 +426,34 @@ def handover(image: Image, header: Header, profile: Profile) -> tuple[NextBoot, 
     root = _u64(value)
     if root == 0:
         return reject(f"{MEMORY_MAP_PROP} is 0")
-    try:
-        visits = list(traverse(root, geo, page_reader(image), strict=True))
-    except TreeError as e:
-        return reject(str(e))
-    keys = [v.base | bit for v in visits if v.level == 0 for bit in leaf_bits(v.words)]
-    if keys and keys[-1].bit_length() > geo.key_width:  # keys ascend: the last is the widest
-        return reject("tree key wider than the key width")
-    if keys and keys[0] < 2:  # no order bit inside the key: no (phys, order) it could name
-        return reject(f"tree key {keys[0]} encodes no page")
-
     P = header.page_shift
-    walk = tuple(decode(k, P) for k in keys)
-    blocks = tuple((phys, 1 << (order + P)) for phys, order in walk)
+    trusting = quirks.NEXT_KERNEL_TRUSTS_TREE in quirk_set
+    if trusting:
+        try:
+            events = list(kernel_walk(root, geo, memory_reader(image, header)))
+        except PageFault as e:
+            raise KernelFault(str(e)) from None
+        except RunawayLoop as e:
+            raise KernelRunaway(str(e)) from None
+    else:
+        try:
+            visits = list(traverse(root, geo, page_reader(image), strict=True))
+        except TreeError as e:
+            return reject(str(e))
+        events = [e for v in visits for e in ((True, v.phys), *((False, v.base | b) for b in leaf_bits(v.words) if not v.level))]
+    keys = [value for is_node, value in events if not is_node]
+    node_pages = tuple(value for is_node, value in events if is_node)
+    if not trusting:
+        if keys and keys[-1].bit_length() > geo.key_width:  # keys ascend: the last is the widest
+            return reject("tree key wider than the key width")
+        if keys and keys[0] < 2:  # no order bit inside the key: no (phys, order) it could name
+            return reject(f"tree key {keys[0]} encodes no page")
+
+    walk = tuple(kernel_decode(k, P) if trusting else decode(k, P) for k in keys)
+    if quirks.RESERVE_SIZE_INT_OVERFLOW in quirk_set:
+        blocks = tuple((phys, x86_int_shift(order + P) & U64) for phys, order in walk)
+    else:
+        blocks = tuple((phys, x86_shl64(1, order + P)) for phys, order in walk)
     magic: dict[int, int] = {}
     phantom: list[int] = []
     for phys, order in walk:
@@ -330,10 +464,19 @@ def handover(image: Image, header: Header, profile: Profile) -> tuple[NextBoot, 
             phantom.append(pfn)
 
     scratch_marks = scratch_entries(image.scratch)
-    node_pages = tuple(v.phys for v in visits)
+    slow = False
     if profile.key_api:
-        busy = list(blocks) + [(p, geo.page_size) for p in node_pages]
-        scratch_marks += _free_gib_blocks(busy, _end_of_dram(header))
+        end_of_dram = _end_of_dram(header)
+        if quirks.EXTEND_SCRATCH_PER_GIB in quirk_set:
+            try:
+                ext = kernel_extend_scratch(events, P, header.arena_pages - image.arena_hwm, end_of_dram)
+            except RunawayLoop as e:
+                raise KernelRunaway(str(e)) from None
+            scratch_marks += ext.marks
+            slow = ext.work > SLOW_WORK
+        else:
+            busy = list(blocks) + [(p, geo.page_size) for p in node_pages]
+            scratch_marks += free_gib_blocks(busy, end_of_dram)
     next_boot = NextBoot(
         accepted=True,
         walk=walk,
@@ -342,6 +485,7 @@ def handover(image: Image, header: Header, profile: Profile) -> tuple[NextBoot, 
         noinit=blocks,
         scratch_marks=tuple(scratch_marks),
         phantom=tuple(phantom),
+        may_time_out=slow,
     )
     return next_boot, magic, fdt
 
@@ -354,44 +498,43 @@ def _end_of_dram(header: Header) -> int:
     return max(ends)
 
 
-def _free_gib_blocks(busy: list[tuple[int, int]], end_of_dram: int) -> list[tuple[int, int]]:
-    """Extend scratch: the gaps between the 1 GiB blocks touched by busy
-    (phys, size) ranges, then the rest up to the end of DRAM. Worked on merged
-    block ranges, so a huge range costs no more than a small one."""
-    spans = sorted((p >> GIB_SHIFT, (p + size - 1) >> GIB_SHIFT) for p, size in busy)
-    marks = []
-    prev_end = 0
-    for first, last in spans:
-        start = first << GIB_SHIFT
-        if start > prev_end:
-            marks.append((prev_end, start - prev_end))
-        prev_end = max(prev_end, (last + 1) << GIB_SHIFT)
-    if prev_end < end_of_dram:
-        marks.append((prev_end, end_of_dram - prev_end))
-    return marks
-
-
 # ---- programs ------------------------------------------------------------------
 
 
-def restore(image: Image, steps: tuple[Step, ...] | list[Step], header: Header, profile: Profile) -> tuple[NextBoot, list[OpResult]]:
+def restore(image: Image, steps: tuple[Step, ...] | list[Step], header: Header, profile: Profile,
+            quirks: frozenset[str] = frozenset()) -> tuple[NextBoot, list[OpResult]]:
     """Boot a next kernel on ``image`` (from the model or from the C code) and
     run ``steps`` on it. The returned ``magic`` is the state at handover."""
-    next_boot, magic, fdt = handover(image, header, profile)
+    next_boot, magic, fdt = handover(image, header, profile, quirks)
     at_handover = tuple(sorted(magic.items()))
-    kernel = NextKernel(header, next_boot.accepted, dict(magic), fdt)
+    kernel = NextKernel(header, next_boot.accepted, dict(magic), fdt, quirks=quirks)
     results = [kernel.apply(s) for s in steps]
     return replace(next_boot, magic=at_handover), results
 
 
-def run(program: Program, profile: Profile) -> Outcome:
+def run(program: Program, profile: Profile, quirks: frozenset[str] = frozenset()) -> Outcome:
+    """The model's outcome of ``program``: the specification, or with
+    ``quirks`` (reference.quirks) what a kernel with those known bugs does.
+    A quirk's fault or runaway loop ends the program there, as the kernel's
+    would (an event; the ops after it never run)."""
     header = program.header
     header.validate()
-    old = OldKernel(header, profile)
+    old = OldKernel(header, profile, quirks_check(quirks))
     boot = old.boot()
     kexec = program.kexec_index()
     before = program.steps if kexec is None else program.steps[:kexec]
-    ops = [old.apply(s) for s in before]
+    ops: list[OpResult] = []
+
+    def cut(at: int, event: str, snap: Snapshot = Snapshot()) -> Outcome:
+        results = tuple(ops) + (NOT_RUN_RESULT,) * (len(program.steps) - len(ops))
+        return Outcome(boot=boot, ops=results, root_phys=snap.root_phys, tree=snap.tree, node_pages=snap.node_pages,
+                       fdt=snap.fdt, image=snap.image, events=(event,), event_ops=(at,))
+
+    for step in before:
+        try:
+            ops.append(old.apply(step))
+        except KernelRunaway as e:
+            return cut(len(ops), f"timeout: {e}")
     if kexec is not None and old.enabled:
         old.corrupt_image()
     snap = old.snapshot()
@@ -403,7 +546,10 @@ def run(program: Program, profile: Profile) -> Outcome:
             ops.append(UNSUPPORTED)
             ops += [old.apply(s) for s in after]
         else:
-            next_boot, results = restore(snap.image, after, header, profile)
+            try:
+                next_boot, results = restore(snap.image, after, header, profile, old.quirks)
+            except (KernelFault, KernelRunaway) as e:
+                return cut(kexec, f"{'fault' if isinstance(e, KernelFault) else 'timeout'}: {e}", snap)
             ops.append(OK if next_boot.accepted else OpResult(-EINVAL))
             ops += results
     return Outcome(

@@ -66,6 +66,11 @@ class Image:
     scratch_phys: int
     scratch: bytes  # the struct kho_scratch array
     pages: dict[int, bytes] = field(default_factory=dict)  # phys -> page bytes (tree nodes)
+    # The rest of the old kernel's memory, for a next kernel that follows
+    # corrupted pointers: every other arena page with content, and how many
+    # arena pages the old kernel used (the next kernel must not reuse them).
+    other_pages: dict[int, bytes] = field(default_factory=dict)
+    arena_hwm: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,33 @@ class NextBoot:
     scratch_marks: tuple[tuple[int, int], ...] = ()  # memblock_mark_kho_scratch
     magic: tuple[tuple[int, int], ...] = ()  # (pfn, order) of RAM head pages with the KHO magic
     phantom: tuple[int, ...] = ()  # non-RAM pfns whose struct page the walk touched
+    # The model's alone (not compared): under a quirk, the next kernel's boot
+    # does so much work that the kernel may exceed its CPU budget instead.
+    may_time_out: bool = False
+
+
+@dataclass(frozen=True)
+class SanitizerReport:
+    """A sanitizer report from the kernel's code (the model has none: its
+    behaviour is defined). Its site is what identifies it across versions:
+    the check kind, the function and the text of the source line (hashed),
+    never the line number alone."""
+
+    op: int | None  # the op it happened in (None: boot or the end state)
+    kind: str  # "misaligned-access", "shift-out-of-bounds", "asan:heap-buffer-overflow", ...
+    function: str
+    file: str
+    line: int
+    detail: str = ""  # the type involved, or an ASan report's stack
+    line_hash: str = ""  # identity of the source line's text
+    ended_op: bool = False  # ASan: the op's result is not compared
+
+    @property
+    def site(self) -> tuple[str, str, str]:
+        return (self.kind, self.function, self.line_hash)
+
+    def where(self) -> str:
+        return f"{self.kind} in {self.function} {self.file.rsplit('/', 1)[-1]}:{self.line}"
 
 
 @dataclass(frozen=True)
@@ -95,9 +127,13 @@ class Outcome:
     fdt: bytes = b""
     image: Image | None = None
     next: NextBoot | None = None
-    # Sanitizer reports, faults, accesses outside the arena: each is a finding.
+    # What ended the run early (a fault, an access outside the arena, a
+    # timeout, a BUG): each is a finding, and the ops after it never ran.
     events: tuple[str, ...] = ()
     event_ops: tuple[int | None, ...] = ()  # the op each event happened in (None: boot)
+    # Sanitizer reports: findings that end nothing (UBSan recovers; an ASan
+    # report voids only its op).
+    reports: tuple[SanitizerReport, ...] = ()
     log: tuple[str, ...] = ()  # printk, for traces only
 
     def to_json(self) -> dict:

@@ -66,6 +66,10 @@ class Op(IntEnum):
     RESTORE_FOLIO = 14
     RESTORE_PAGES = 15
     RETRIEVE_SUBTREE = 16
+    # add_subtree repeated: ``count`` subtrees named ``filler_name(first + i,
+    # name_len)`` with blob ``filler_blob(first + i)`` and size first + i,
+    # stopping at the first that fails: fills the FDT page in one op.
+    FILL_FDT = 17
 
 
 # text-form name -> (kind, operand names). "name" is the subtree name string.
@@ -86,18 +90,32 @@ OPERANDS: dict[Op, tuple[str, ...]] = {
     Op.RESTORE_FOLIO: ("phys",),
     Op.RESTORE_PAGES: ("phys", "nr_pages"),
     Op.RETRIEVE_SUBTREE: ("name",),
+    Op.FILL_FDT: ("first", "count", "name_len"),
 }
 
 OLD_KERNEL_OPS = frozenset(
     {
         Op.PRESERVE_FOLIO, Op.UNPRESERVE_FOLIO, Op.PRESERVE_PAGES, Op.UNPRESERVE_PAGES,
         Op.RADIX_ADD, Op.RADIX_DEL, Op.RADIX_ADD_KEY, Op.RADIX_DEL_KEY,
-        Op.ADD_SUBTREE, Op.REMOVE_SUBTREE, Op.POKE_ARENA, Op.POKE_FDT,
+        Op.ADD_SUBTREE, Op.REMOVE_SUBTREE, Op.POKE_ARENA, Op.POKE_FDT, Op.FILL_FDT,
     }
 )
 NEW_KERNEL_OPS = frozenset({Op.RESTORE_FOLIO, Op.RESTORE_PAGES, Op.RETRIEVE_SUBTREE})
 
 U64 = (1 << 64) - 1
+
+# fill_fdt's subtrees: "fill<index>" padded with '-' to name_len (at most MAX_NAME).
+FILLER_PREFIX = "fill"
+FILLER_PAD = "-"
+FILLER_BLOB_BASE = 0x7000_0000_0000  # blob address of filler 0; filler i's is i pages above
+
+
+def filler_name(index: int, name_len: int) -> str:
+    return f"{FILLER_PREFIX}{index}".ljust(min(name_len, MAX_NAME), FILLER_PAD)
+
+
+def filler_blob(index: int, page_shift: int) -> int:
+    return (FILLER_BLOB_BASE + (index << page_shift)) & U64
 
 
 @dataclass(frozen=True)
@@ -120,7 +138,7 @@ class Step:
         for n, v in self.operands().items():
             if n == "name":
                 parts.append(_quote(str(v)))
-            elif n in ("order", "slot"):
+            elif n in ("order", "slot", "name_len"):
                 parts.append(str(v))
             else:
                 parts.append(hex(int(v)))

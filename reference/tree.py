@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from .arena import Arena
 from .geometry import Geometry
+from .keys import RunawayLoop
 from .outcome import ENOMEM
 
 PageOf = Callable[[int], Mapping[int, int] | None]
@@ -150,3 +151,31 @@ class RadixTree:
 
     def nodes(self) -> Iterator[Visit]:
         return traverse(self.root, self.geo, self.arena.words, strict=False)
+
+
+WALK_LIMIT = 1 << 22  # keys and nodes of a walk beyond which the next kernel is taken to run away
+
+
+def kernel_walk(root: int, geo: Geometry, read: Callable[[int], Mapping[int, int]]) -> Iterator[tuple[bool, int]]:
+    """The next kernel's walk of a handed-over tree that it does not
+    validate (quirk next-kernel-trusts-tree): (True, phys) for each node
+    visited, (False, key) for each set bit, in the kernel's order. Every
+    non-zero entry is followed, one level down, wherever it points; ``read``
+    raises when the memory is not there."""
+
+    def walk(phys: int, level: int, base: int) -> Iterator[tuple[bool, int]]:
+        words = read(phys)
+        yield True, phys
+        for slot in sorted(words):
+            key = base | (slot << geo.shift(level))
+            if level > 1:
+                yield from walk(words[slot], level - 1, key)
+                continue
+            leaf = read(words[slot])
+            yield True, words[slot]
+            yield from ((False, key | bit) for bit in leaf_bits(leaf))
+
+    for n, event in enumerate(walk(root, geo.root_level, 0)):
+        if n > WALK_LIMIT:
+            raise RunawayLoop(f"the walk visits more than {WALK_LIMIT} keys and nodes")
+        yield event

@@ -78,10 +78,13 @@ def probe(request, tmp_path_factory) -> Probe:
     common = ["-std=gnu11", "-O1", "-g", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function", f"-DKC_PAGE_SHIFT={ps}"]
     _cc(cc, *common, *include_flags(staged), "-c", str(CSRC / "shim_probe.c"), "-o", str(work / "probe.o"))
     runtime = RUNTIME_DIR
-    _cc(cc, *common, f"-I{runtime}", f"-I{gen}", "-c", str(runtime / "kc_runtime.c"), "-o", str(work / "runtime.o"))
+    runtime_objs = []
+    for path in sorted(runtime.glob("*.c")):
+        runtime_objs.append(str(work / f"{path.stem}.o"))
+        _cc(cc, *common, f"-I{runtime}", f"-I{gen}", "-c", str(path), "-o", runtime_objs[-1])
     _cc(cc, *common, f"-I{runtime}", f"-I{gen}", "-c", str(CSRC / "shim_main.c"), "-o", str(work / "main.o"))
     exe = work / "probe"
-    _cc(cc, str(work / "main.o"), str(work / "probe.o"), str(work / "runtime.o"), "-ldl", "-o", str(exe))
+    _cc(cc, str(work / "main.o"), str(work / "probe.o"), *runtime_objs, "-ldl", "-o", str(exe))
     p = Probe(exe, ps)
     assert p.ints(["page_shift"]) == [ps]
     _probes[(series, ps)] = p

@@ -31,7 +31,7 @@ from reference.program import NOT_RUN, Op, Program, parse_program
 FIXED = {
     "scenario.empty-tree", "scenario.every-order", "scenario.widest-orders", "scenario.pfn-zero",
     "scenario.highest-pfns", "scenario.numa-crossing", "scenario.ram-holes", "scenario.subtrees",
-    "scenario.subtree-overflow", "scenario.restore-pages-numa", "scenario.range-2^40",
+    "scenario.subtree-overflow", "scenario.fdt-edge", "scenario.restore-pages-numa", "scenario.range-2^40",
     "scenario.corrupt-bad-magic", "scenario.corrupt-compatible", "scenario.corrupt-truncated-property",
     "scenario.corrupt-pointer-outside-ram", "scenario.corrupt-tree-loop",
 }

@@ -3,9 +3,15 @@ kernel's C code; every difference becomes a ``Divergence`` record.
 
 Compared: per op the return code, values and
 warning count; the old kernel's canonical tree, raw node pages and FDT bytes
-(at kexec, or at the end); the next kernel's restored map; sanitizer and
-out-of-arena events. Handover is also checked across implementations: the
-C image restored by the model, and the model image restored by the C code.
+(at kexec, or at the end); the next kernel's restored map; what ended a run
+early (a fault, a timeout, a BUG: the model may predict one under a quirk);
+and every sanitizer report, which ends nothing, so everything after it is
+compared too. Handover is also checked across implementations: the C image
+restored by the model, and the model image restored by the C code.
+
+The model runs with the quirks it is given (none: the specification); the
+kernel's own outcome may be passed in, so that triage can hold it to the
+model under several quirk sets without running the kernel again.
 
 Cheap fingerprints are compared first; the field-by-field diff runs only when
 they differ.
@@ -15,12 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from reference import model
-from reference.outcome import EINVAL, NextBoot, OpResult, Outcome, fingerprint
-from reference.program import NOT_RUN, Op, Program, Step
+from reference.outcome import EINVAL, Image, NextBoot, OpResult, Outcome, fingerprint
+from reference.program import NOT_RUN, Header, Op, Program, Step
 
+from ..native.contract import pack_image
 from .target import Target
 
 MAX_SHOWN = 240  # characters of expected/actual kept in a record
@@ -28,13 +35,14 @@ MAX_SHOWN = 240  # characters of expected/actual kept in a record
 
 @dataclass(frozen=True)
 class Divergence:
-    check: str  # ops | boot | tree | node_pages | fdt | next | events | handover:c-image | handover:model-image
+    check: str  # ops | boot | tree | node_pages | fdt | next | events | sanitizer | handover:c-image | handover:model-image
     op_index: int | None  # first op where the two differ (None: before any op)
     op: str  # that op in the text form
     field: str
     expected: str  # the model
     actual: str  # the kernel's C code
     signature: str  # for de-duplication: stable across values and positions
+    site: tuple[str, str, str] | None = None  # a sanitizer report's (kind, function, line hash)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -68,6 +76,8 @@ def _signature(check: str, field_name: str, op: Step | None, expected: object, a
         detail = "kernel-less" if actual < expected else "kernel-more"  # e.g. fewer pages restored
     elif check == "events":
         detail = _NUMBERS.sub("#", str(actual))
+    elif check == "sanitizer":
+        detail = str(actual)  # the site: kind, function, line-text hash
     elif check == "tree":
         detail = _tree_difference(expected, actual)
     text = "|".join((check, _NUMBERS.sub("#", field_name), kind, detail))
@@ -87,11 +97,35 @@ def _tree_difference(expected: object, actual: object) -> str:
 
 
 @dataclass
+class NativeRuns:
+    """The kernel's runs a comparison needed besides the program itself, kept
+    so that comparing the same program again (triage, under other quirks)
+    runs the kernel only on what it has not seen: its restore of an image,
+    and its old-kernel state after a prefix of the program."""
+
+    restores: dict[bytes, Outcome] = field(default_factory=dict)  # packed image + steps -> outcome
+    prefixes: dict[int, dict] = field(default_factory=dict)  # prefix length -> old-kernel view
+
+    def restore(self, target: Target, image: Image, header: Header, steps: tuple[Step, ...]) -> Outcome:
+        key = hashlib.blake2b(pack_image(image, 1 << header.page_shift) + repr(steps).encode(), digest_size=16).digest()
+        if key not in self.restores:
+            self.restores[key] = target.native.restore(image, header, steps)
+        return self.restores[key]
+
+    def old_view(self, target: Target, prefix: Program) -> dict:
+        if len(prefix.steps) not in self.prefixes:
+            self.prefixes[len(prefix.steps)] = _old_view(target.native.run(prefix))
+        return self.prefixes[len(prefix.steps)]
+
+
+@dataclass
 class Comparison:
     program: Program
     model: Outcome
     kernel: Outcome
     divergences: list[Divergence] = field(default_factory=list)
+    quirks: frozenset[str] = frozenset()  # the model's
+    native: NativeRuns = field(default_factory=NativeRuns)
 
     @property
     def ok(self) -> bool:
@@ -109,7 +143,7 @@ def _op_view(r: OpResult) -> tuple:
 def _next_view(n: NextBoot | None) -> dict | None:
     if n is None:
         return None
-    view = {f.name: getattr(n, f.name) for f in fields(n) if f.name != "reason"}
+    view = {f.name: getattr(n, f.name) for f in fields(n) if f.name not in ("reason", "may_time_out")}
     # Order of magic reads and phantom touches is an artefact of who reads
     # the struct pages; the set is the contract.
     view["magic"] = tuple(sorted(set(n.magic)))
@@ -125,23 +159,36 @@ def _old_view(o: Outcome) -> dict:
     }
 
 
+def _event_kind(event: str) -> str:
+    """What ended a run, without the details only the kernel's side has
+    (addresses, code locations): "fault", "timeout", "BUG"."""
+    return event.split(":", 1)[0].split(" ", 1)[0]
+
+
+def _events_view(o: Outcome) -> tuple:
+    return tuple((_event_kind(e), at) for e, at in zip(o.events, o.event_ops))[:1]
+
+
 def _view(o: Outcome) -> dict:
     return {
         "boot": _op_view(o.boot), "ops": [_op_view(r) for r in o.ops],
-        **_old_view(o), "next": _next_view(o.next), "events": o.events,
+        **_old_view(o), "next": _next_view(o.next), "events": _events_view(o),
+        "reports": [r.site for r in o.reports],
     }
 
 
-def compare(program: Program, target: Target, *, handover: bool = True) -> Comparison:
-    """Run both implementations on ``program`` and list where they differ,
-    first divergence first."""
-    expected = model.run(program, target.profile)
-    actual = target.native.run(program)
-    cmp = Comparison(program, expected, actual)
+def compare(program: Program, target: Target, *, quirks: frozenset[str] = frozenset(),
+            again: Comparison | None = None, handover: bool = True) -> Comparison:
+    """Run both implementations on ``program`` (the model with ``quirks``)
+    and list where they differ, first divergence first. ``again``: an
+    earlier comparison of the same program, whose kernel runs are reused."""
+    expected = model.run(program, target.profile, quirks)
+    actual = again.kernel if again is not None else target.native.run(program)
+    cmp = Comparison(program, expected, actual, quirks=quirks, native=again.native if again else NativeRuns())
     if fingerprint(_view(expected)) != fingerprint(_view(actual)):
-        cmp.divergences += _diff(program, expected, actual, target)
+        cmp.divergences += _diff(program, expected, actual, target, cmp)
     if handover:
-        cmp.divergences += _cross_handover(program, expected, actual, target)
+        cmp.divergences += _cross_handover(program, expected, actual, target, cmp)
     cmp.divergences.sort(key=lambda d: (d.op_index if d.op_index is not None else -1))
     return cmp
 
@@ -151,7 +198,7 @@ def _steps_after_kexec(program: Program) -> tuple[int, tuple[Step, ...]] | None:
     return None if k is None else (k, program.steps[k + 1 :])
 
 
-def _diff(program: Program, exp: Outcome, act: Outcome, target: Target) -> list[Divergence]:
+def _diff(program: Program, exp: Outcome, act: Outcome, target: Target, cmp: Comparison) -> list[Divergence]:
     out: list[Divergence] = []
     steps = program.steps
 
@@ -160,18 +207,26 @@ def _diff(program: Program, exp: Outcome, act: Outcome, target: Target) -> list[
         out.append(Divergence(check, index, step.text() if step else "", field_name, _short(e), _short(a),
                               _signature(check, field_name, step, e, a)))  # e, a: the values themselves
 
+    for r in act.reports:  # undefined behaviour has no model: every report is a divergence
+        add("sanitizer", r.op, r.kind, "no report", r.where() + (f": {r.detail}" if r.detail else ""))
+        out[-1] = replace(out[-1], signature=_signature("sanitizer", r.kind, None, "", r.site), site=r.site)
     for name, e, a in zip(("rc", "value", "value2", "warnings"), _op_view(exp.boot), _op_view(act.boot)):
         if e != a:
             add("boot", None, name, e, a)
-    if act.events:
-        # The event (a sanitizer trap, a fault, a timeout) is the divergence;
-        # the op it cut short and the ones after it never ran. Expected: what
-        # the model answered for that op.
-        at = act.event_ops[0]
-        add("events", at, "event", _op_view(exp.boot if at is None else exp.ops[at]), act.events[0])
+    cut = _events_view(act) or _events_view(exp)
+    foreseen = exp.next is not None and exp.next.may_time_out and cut == (("timeout", program.kexec_index()),)
+    if _events_view(exp) != _events_view(act) and not foreseen:
+        # What ended a run early is the divergence; the op it cut short and
+        # the ones after it never ran. Expected: the model's answer for that op.
+        at = cut[0][1]
+        want = exp.events[0] if exp.events else _op_view(exp.boot if at is None else exp.ops[at])
+        add("events", at, "event", want, act.events[0] if act.events else "no event")
+    voided = {r.op for r in act.reports if r.ended_op}
     for i, (re_, ra) in enumerate(zip(exp.ops, act.ops)):
-        if ra.rc == NOT_RUN and act.events:
+        if cut and (ra.rc == NOT_RUN or re_.rc == NOT_RUN):
             break
+        if i in voided:
+            continue
         for name, e, a in zip(("rc", "value", "value2", "warnings"), _op_view(re_), _op_view(ra)):
             if e != a:
                 add("ops", i, name, e, a)
@@ -179,7 +234,7 @@ def _diff(program: Program, exp: Outcome, act: Outcome, target: Target) -> list[
         else:
             continue
         break  # later ops usually differ because of this one: keep the first
-    if act.events and act.image is None:
+    if cut and (act.image is None or exp.image is None):
         return out  # cut short in the old kernel: no state at kexec to compare
     ev, av = _old_view(exp), _old_view(act)
     kexec = program.kexec_index()
@@ -187,9 +242,9 @@ def _diff(program: Program, exp: Outcome, act: Outcome, target: Target) -> list[
     for name in ("tree", "node_pages", "fdt"):
         if ev[name] != av[name]:
             e, a = _first_difference(name, exp, act)
-            add(name, _first_state_op(program, target, name, state_at), e[0], e[1], a)
+            add(name, _first_state_op(program, target, name, state_at, cmp), e[0], e[1], a)
     en, an = _next_view(exp.next), _next_view(act.next)
-    if en != an and kexec is not None and not act.events:  # an event cut the next kernel short
+    if en != an and kexec is not None and not cut:  # an event cut the next kernel short
         for key in (en or an):  # NextBoot's field order: deterministic
             e = (en or {}).get(key)
             a = (an or {}).get(key)
@@ -222,14 +277,14 @@ def _first_difference(name: str, exp: Outcome, act: Outcome) -> tuple[tuple[str,
     return (name, "?"), "?"
 
 
-def _first_state_op(program: Program, target: Target, name: str, last: int) -> int | None:
+def _first_state_op(program: Program, target: Target, name: str, last: int, cmp: Comparison) -> int | None:
     """The first op after which the old kernel's state differs: bisect on
     prefixes of the program (only run on a mismatch)."""
     steps = program.steps[: last + 1]
 
     def differs(k: int) -> bool:
         prefix = Program(program.header, tuple(s for s in steps[:k] if s.op != Op.KEXEC))
-        return _old_view(model.run(prefix, target.profile))[name] != _old_view(target.native.run(prefix))[name]
+        return _old_view(model.run(prefix, target.profile, cmp.quirks))[name] != cmp.native.old_view(target, prefix)[name]
 
     if differs(0):
         return None
@@ -240,21 +295,27 @@ def _first_state_op(program: Program, target: Target, name: str, last: int) -> i
     return hi - 1
 
 
-def _cross_handover(program: Program, exp: Outcome, act: Outcome, target: Target) -> list[Divergence]:
+def _cross_handover(program: Program, exp: Outcome, act: Outcome, target: Target, cmp: Comparison) -> list[Divergence]:
     """Each next kernel restores the other implementation's image."""
     after = _steps_after_kexec(program)
-    if after is None or exp.image is None or act.image is None:
+    if after is None or exp.image is None or act.image is None or exp.events:
         return []
     k, steps = after
     out = []
     h = program.header
     if not act.events:  # a kernel run cut short has no next-kernel answer to hold the model's against
-        m_next, m_ops = model.restore(act.image, steps, h, target.profile)
+        m_next, m_ops = model.restore(act.image, steps, h, target.profile, cmp.quirks)
         m_kexec = OpResult(0 if m_next.accepted else -EINVAL)
         out += _next_diff("handover:c-image", program, k, act.next, act.ops[k:], m_next, [m_kexec, *m_ops], swap=True)
-    c = target.native.restore(exp.image, h, steps)
-    if c.events:  # the event is the answer; what it cut short is not
-        at = k + (c.event_ops[0] or 0)  # the foreign run's op 0 is the kexec
+    c = cmp.native.restore(target, exp.image, h, steps)
+    for r in c.reports:  # the foreign run's op 0 is the kexec
+        at = k + (r.op or 0)
+        out.append(Divergence("handover:model-image", at, program.steps[at].text(), r.kind, "no report", _short(r.where()),
+                              _signature("sanitizer", r.kind, None, "", r.site), r.site))
+    if c.events and _event_kind(c.events[0]) == "timeout" and c.event_ops[0] == 0 and exp.next and exp.next.may_time_out:
+        pass  # a boot the model foresaw could outlast the CPU budget
+    elif c.events:  # the event is the answer; what it cut short is not
+        at = k + (c.event_ops[0] or 0)
         step = program.steps[at]
         out.append(Divergence("handover:model-image", at, step.text(), "event", "()", _short(c.events[0]),
                               _signature("events", "event", step, (), c.events[0])))

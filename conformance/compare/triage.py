@@ -1,104 +1,156 @@
 """Triage: the one policy that says whether a comparison is a pass, a known
-finding, or a new failure. Used by check, fuzz, the state machine, replay
-and the corpus tests alike.
+finding, or a new failure. check, fuzz, the state machine, replay and the
+corpus tests all ask ``triage()``.
 
-Known findings are kernel bugs (and documentation slips) described in
-``corpus/known/<id>.toml``; once the kernel fixes one, its divergence must
-disappear on the fixed versions. A model or shim bug is never recorded
-there: it is fixed.
+Known findings (kernel bugs, limitations, documentation slips) are described
+in ``corpus/known/<id>.toml``. A divergence is credited to one only when its
+cause is proven:
+
+- behaviour: the whole program agrees once the model runs with the quirks
+  (``reference.quirks``) of the known findings that affect this kernel
+  version; each quirk kept is needed (without it the program diverges), and
+  the findings credited are those whose quirks were needed. Whatever still
+  differs with every quirk on is new, even where a known bug fires first;
+- undefined behaviour, which has no model: a sanitizer report is known when a
+  finding lists its exact site (check kind, function, and the hash of the
+  source line's text, which stays the same when lines move).
+
+Divergence signatures are for de-duplication only, never for attribution.
+A model or shim bug is never recorded as a known finding: it is fixed.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from reference.quirks import ALL as QUIRKS
+
 from ..corpus import known_dir
 from ..errors import KhoConformError
-from .diff import Comparison, Divergence
+from .diff import Comparison, Divergence, compare
+from .target import Target
+
+KINDS = ("kernel-bug", "kernel-limitation", "documentation")
 
 
 @dataclass(frozen=True)
 class KnownFinding:
     id: str
     title: str
-    kind: str  # "kernel-bug" | "kernel-limitation" | "documentation"
-    signatures: tuple[str, ...]
-    # Rules for divergences whose signature varies with the input (which op,
-    # which sanitizer check): each a dict of Divergence attribute -> regex,
-    # all of which must match in full.
-    rules: tuple[dict[str, str], ...]
+    kind: str  # one of KINDS
     affected: tuple[str, ...]  # version prefixes, e.g. ("7.1",) or ("7.1", "7.2", "7.3")
     fixed_in: str  # first fixed version, "" while unfixed
+    quirks: tuple[str, ...]  # model quirks that reproduce it
+    sites: tuple[tuple[str, str, str], ...]  # sanitizer sites: (kind, function, line hash)
+    reproducers: tuple[str, ...]  # corpus/crashes/ findings that show it
     description: str
     why_model_is_right: str
     path: Path
 
-    def affects(self, version: str) -> bool:
-        """``version``: a release number ("7.3.4"; KernelSource.release)."""
-        m = re.search(r"\d+(\.\d+)+", version)
-        version = m.group(0) if m else version
-        if not any(version == a or version.startswith(a + ".") for a in self.affected):
+    def affects(self, release: str) -> bool:
+        """``release``: a release number such as "7.3.4" (KernelSource.release)."""
+        m = re.search(r"\d+(\.\d+)+", release)
+        release = m.group(0) if m else release
+        if not any(release == a or release.startswith(a + ".") for a in self.affected):
             return False
-        return not self.fixed_in or _version_key(version) < _version_key(self.fixed_in)
+        return not self.fixed_in or _version_key(release) < _version_key(self.fixed_in)
 
 
 def _version_key(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", v))
 
 
+def _record(path: Path) -> KnownFinding:
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise KhoConformError(f"{path}: not valid TOML ({e}); fix or remove the record") from None
+    line = lambda key: next((n for n, s in enumerate(text.splitlines(), 1) if s.startswith(key)), 1)  # noqa: E731
+    missing = [k for k in ("id", "title", "kind", "affected", "description", "why_model_is_right") if k not in data]
+    if missing:
+        raise KhoConformError(f"{path}:1: the record lacks {', '.join(missing)}; see another record in {path.parent}")
+    if data["kind"] not in KINDS:
+        raise KhoConformError(f"{path}:{line('kind')}: kind {data['kind']!r} is not one of {', '.join(KINDS)}")
+    unknown = set(data.get("quirks", ())) - QUIRKS
+    if unknown:
+        raise KhoConformError(f"{path}:{line('quirks')}: no model quirk {', '.join(sorted(unknown))}; "
+                              f"the model has {', '.join(sorted(QUIRKS))}")
+    try:
+        sites = tuple((s["kind"], s["function"], s["line"]) for s in data.get("sanitizer", ()))
+    except (KeyError, TypeError):
+        raise KhoConformError(f"{path}:{line('[[sanitizer]]')}: a [[sanitizer]] entry needs kind, function and line") from None
+    return KnownFinding(
+        id=data["id"], title=data["title"], kind=data["kind"], affected=tuple(data["affected"]),
+        fixed_in=data.get("fixed_in", ""), quirks=tuple(data.get("quirks", ())), sites=sites,
+        reproducers=tuple(data.get("reproducers", ())), description=data["description"].strip(),
+        why_model_is_right=data["why_model_is_right"].strip(), path=path,
+    )
+
+
 @lru_cache(maxsize=None)
 def load_known(directory: Path | None = None) -> tuple[KnownFinding, ...]:
-    directory = directory or known_dir()
-    found = []
-    for path in sorted(directory.glob("*.toml")):
-        try:
-            data = tomllib.loads(path.read_text())
-            found.append(KnownFinding(
-                id=data["id"], title=data["title"], kind=data["kind"], signatures=tuple(data.get("signatures", ())),
-                rules=tuple(data.get("match", ())),
-                affected=tuple(data["affected"]), fixed_in=data.get("fixed_in", ""),
-                description=data["description"].strip(), why_model_is_right=data["why_model_is_right"].strip(), path=path,
-            ))
-        except (tomllib.TOMLDecodeError, KeyError) as e:
-            raise KhoConformError(f"{path}: not a valid known-finding record ({e}); fix or remove it") from None
-    return tuple(found)
+    """Every record of ``directory`` (default: the corpus's known/)."""
+    return tuple(_record(path) for path in sorted((directory or known_dir()).glob("*.toml")))
 
 
-def known_finding(divergence: Divergence, version: str) -> KnownFinding | None:
-    """The known finding whose signatures or rules match this divergence on
-    this version, if any."""
-    for known in load_known():
-        if not known.affects(version):
-            continue
-        if divergence.signature in known.signatures or any(_matches(rule, divergence) for rule in known.rules):
-            return known
-    return None
+def by_id(known_id: str) -> KnownFinding | None:
+    return next((k for k in load_known() if k.id == known_id), None)
 
 
 @dataclass(frozen=True)
 class Verdict:
     status: str  # "pass" | "known" | "fail"
-    divergence: Divergence | None = None  # the divergence the verdict is about (None: pass)
-    known: tuple[KnownFinding, ...] = ()  # the findings that explain it
+    divergence: Divergence | None = None  # the first new divergence (fail), else the first (known); None: pass
+    known: tuple[KnownFinding, ...] = ()  # the findings proven to cause what diverged
+    new: tuple[Divergence, ...] = ()  # what no known finding explains
+    quirks: frozenset[str] = field(default_factory=frozenset)  # the quirks the proof needed
+
+    @property
+    def known_ids(self) -> str:
+        return ",".join(k.id for k in self.known)
 
 
-def triage(cmp: Comparison, version: str) -> Verdict:
-    """The verdict on one comparison: pass when nothing diverges, known when
-    a known finding explains the first divergence (what follows it is taken
-    for its consequence), fail otherwise."""
+def _by_site(d: Divergence) -> bool:
+    return bool(d.site)
+
+
+def triage(cmp: Comparison, target: Target, *, attribute: bool = True) -> Verdict:
+    """The verdict on one comparison of ``target``'s kernel with the model.
+    ``attribute=False`` decides only new or not (what fuzzing needs): the
+    quirks are not narrowed down to the ones the agreement needs, so the
+    verdict names only the findings matched by a sanitizer site."""
     if cmp.ok:
         return Verdict("pass")
-    known = known_finding(cmp.first, version)
-    return Verdict("known", cmp.first, (known,)) if known else Verdict("fail", cmp.first)
+    findings = [k for k in load_known() if k.affects(target.build.source.release)]
+    owners = {site: k for k in findings for site in k.sites}
+    reported = [d for d in cmp.divergences if _by_site(d)]
+    new = [d for d in reported if d.site not in owners]
+    credited = {owners[d.site].id: owners[d.site] for d in reported if d.site in owners}
 
+    used: frozenset[str] = frozenset()
+    if any(not _by_site(d) for d in cmp.divergences):
+        available = frozenset(q for k in findings for q in k.quirks)
 
-def _matches(rule: dict[str, str], divergence) -> bool:
-    return all(re.fullmatch(pattern, str(getattr(divergence, key, "")), re.S) for key, pattern in rule.items())
+        def remaining(quirks: frozenset[str]) -> list[Divergence]:
+            c = compare(cmp.program, target, quirks=quirks, again=cmp)
+            return [d for d in c.divergences if not _by_site(d)]
 
-
-def by_id(known_id: str) -> KnownFinding | None:
-    return next((k for k in load_known() if k.id == known_id), None)
+        rest = remaining(available) if available else [d for d in cmp.divergences if not _by_site(d)]
+        if rest:
+            new += rest
+        elif attribute:
+            used = available
+            for quirk in sorted(available):  # keep only the quirks the agreement needs
+                if not remaining(used - {quirk}):
+                    used -= {quirk}
+            credited.update((k.id, k) for k in findings if set(k.quirks) & used)
+    new.sort(key=lambda d: -1 if d.op_index is None else d.op_index)
+    known = tuple(credited.values())
+    if new:
+        return Verdict("fail", new[0], known, tuple(new), used)
+    return Verdict("known", cmp.first, known, (), used)

@@ -7,24 +7,28 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import struct
+from pathlib import Path
 
 from cffi import FFI
 
 from reference.arena import words_from_bytes
 from reference.fdt import Fdt
 from reference.geometry import geometry
-from reference.outcome import EOPNOTSUPP, Image, NextBoot, OpResult, Outcome, TreeNode
+from reference.outcome import EOPNOTSUPP, Image, NextBoot, OpResult, Outcome, SanitizerReport, TreeNode
 from reference.program import ARENA_BASE_PHYS, NOT_RUN, Header, Op, Program, Step
 from reference.tree import leaf_bits, traverse
 
 from ..errors import KhoConformError
-from .build import Build
+from ..source.tree_files import KHO_C
+from .build import Build, line_hash
 from .contract import OP_BOOT, REC, Memblock, Rec, cdef, pack_image, pack_program
 from .sanitizer import symbolize
 
 _ffi = FFI()
 _ffi.cdef(cdef())
+_KHO_FRAME = re.compile(r"kexec_handover\.c:(\d+)")
 
 
 def _signed(x: int) -> int:
@@ -90,7 +94,7 @@ class NativeKernel:
 
         boot_rc, boot_warn = 0, []
         ops: list[list] = [[NOT_RUN, 0, 0, []] for _ in range(nsteps)]
-        events, event_ops, log = [], [], []
+        events, event_ops, log, reports = [], [], [], []
         state = None
         kexec_at = 0 if foreign else None
         nxt = {"walk": [], "walk_nodes": [], "reserved": [], "noinit": [], "scratch_marks": [], "magic": [], "phantom": []}
@@ -106,8 +110,10 @@ class NativeKernel:
             elif kind == Rec.EVENT:
                 events.append(symbolize(string(a)))
                 event_ops.append(None if op == OP_BOOT else op)
+            elif kind == Rec.SANITIZER:
+                reports.append(self._report(string(a), None if op == OP_BOOT else op, ended=bool(b), code=c))
             elif kind == Rec.STATE:
-                state = (a, b)
+                state = (a, b, c)
                 if kexec_at is None and op != OP_BOOT and op < nsteps:
                     kexec_at = op
             elif kind == Rec.MEMBLOCK and kexec_at is not None:
@@ -135,10 +141,31 @@ class NativeKernel:
             fields = self._old_state(header, *state)
         return Outcome(
             boot=OpResult(boot_rc, 0, 0, tuple(boot_warn)), ops=results, next=next_boot,
-            events=tuple(events), event_ops=tuple(event_ops), log=tuple(log), **fields,
+            events=tuple(events), event_ops=tuple(event_ops), log=tuple(log), reports=tuple(reports), **fields,
         )
 
-    def _old_state(self, header: Header, root_phys: int, fdt_phys: int) -> dict:
+    def _report(self, text: str, op: int | None, ended: bool, code: int) -> SanitizerReport:
+        """A Rec.SANITIZER record: "kind\tfile\tline\tcolumn\tdetail". ASan
+        gives no site of its own: its first frame in the KHO file is the site.
+        Outside the KHO file (the project's shims) the site is the function
+        the code address is in and the hash of that file's line."""
+        kind, file, line, _, detail = (text.split("\t", 4) + [""] * 5)[:5]
+        line_no = int(line) if line.isdigit() else 0
+        if kind.startswith("asan"):
+            frames = [symbolize(f) for f in detail.split("|") if f]
+            detail = " | ".join(frames)
+            for frame in frames:
+                if m := _KHO_FRAME.search(frame):
+                    file, line_no = KHO_C, int(m[1])
+                    break
+        if file.endswith(KHO_C):
+            function, line_hash = self.build.site(line_no)
+            return SanitizerReport(op, kind, function, KHO_C, line_no, detail, line_hash, ended)
+        where = symbolize(f"{self.build.library}+{code:#x}") if code else ""
+        function = where.split(" ", 1)[0] if where and not where.startswith(str(self.build.library)) else "?"
+        return SanitizerReport(op, kind, function, file.rsplit("/", 1)[-1], line_no, detail, _own_line_hash(file, line_no), ended)
+
+    def _old_state(self, header: Header, root_phys: int, fdt_phys: int, arena_hwm: int) -> dict:
         n = _ffi.new("unsigned long *")
         buf = self.lib.kc_snapshot_pages(n)
         raw = bytes(_ffi.buffer(buf, n[0] * self.page_size)) if n[0] else b""
@@ -155,8 +182,21 @@ class NativeKernel:
         fdt = fdt_page[: min(total, ps)]
         tree, node_pages = _canonical_tree(root_phys, page, self.page_shift)
         scratch = (page(ARENA_BASE_PHYS) or b"")[: 16 * len(header.scratch)]
-        image = Image(self.page_shift, fdt_phys, fdt, ARENA_BASE_PHYS, scratch, node_pages)
+        zero = bytes(ps)
+        other = {ARENA_BASE_PHYS + i * ps: raw[i * ps : (i + 1) * ps] for i in range(1, n[0])}
+        other = {p: data for p, data in other.items() if p not in node_pages and data != zero}
+        image = Image(self.page_shift, fdt_phys, fdt, ARENA_BASE_PHYS, scratch, node_pages, other, arena_hwm)
         return {"root_phys": root_phys, "tree": tree, "node_pages": node_pages, "fdt": fdt, "image": image}
+
+
+@functools.lru_cache(maxsize=256)
+def _own_line_hash(path: str, line: int) -> str:
+    """The line-text hash of a line of the project's own C (the shims), or ''."""
+    try:
+        lines = Path(path).read_text().split("\n")
+    except OSError:
+        return ""
+    return line_hash(lines[line - 1]) if 0 < line <= len(lines) else ""
 
 
 def _canonical_tree(root: int, page, page_shift: int) -> tuple[tuple[TreeNode, ...], dict[int, bytes]]:

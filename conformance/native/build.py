@@ -4,9 +4,9 @@ project inputs).
 
 Flavors:
 - ``plain``: gcc (or clang) -O1, for speed;
-- ``asan``: clang, ASan + UBSan; UBSan traps (-fsanitize-trap) are caught by
-  the runtime and reported as findings, ASan reports arrive through its
-  report callback with halt_on_error=0;
+- ``asan``: clang, ASan + UBSan. UBSan recovers: the runtime's own handlers
+  (c/runtime/kc_sanitizer.c) record each report and execution goes on; ASan
+  reports arrive through its report callback with halt_on_error=0;
 - ``fuzz``: ``asan`` plus ``-fsanitize=fuzzer-no-link`` so atheris sees the
   kernel code's coverage (loaded under atheris's asan_with_fuzzer.so).
 """
@@ -37,8 +37,10 @@ LIBFDT_SOURCES = ("fdt.c", "fdt_ro.c", "fdt_rw.c", "fdt_sw.c", "fdt_wip.c", "fdt
 CLANG_CANDIDATES = ("clang-16", "clang")
 # The kernel unit must not silently get int-returning implicit prototypes.
 STRICT = ["-Werror=implicit-function-declaration", "-Werror=int-conversion", "-Werror=incompatible-pointer-types"]
-SANITIZE = ["-fsanitize=address,undefined", "-fsanitize-trap=undefined", "-fsanitize-recover=address", "-fno-inline",
+SANITIZE = ["-fsanitize=address,undefined", "-fsanitize-recover=address,undefined", "-fno-inline",
             "-fno-omit-frame-pointer"]
+# The runtime is the environment, not the code under test: no UBSan reports from it.
+RUNTIME_EXTRA = ["-fno-sanitize=undefined"]
 
 
 @dataclass
@@ -52,8 +54,11 @@ class Build:
     compatible: str
     doc_compatible: str
     unit_bytes: int
-    kept: list[str] = field(default_factory=list)
+    kept: list[tuple[str, int, int]] = field(default_factory=list)  # (names, first line, last line) in KHO_C
     dropped: list[tuple[str, str]] = field(default_factory=list)
+    # KHO_C line -> (function, hash of the line's text): sanitizer sites that
+    # stay the same when lines shift, without keeping the kernel's text.
+    sites: dict[int, tuple[str, str]] = field(default_factory=dict)
     seconds: float = 0.0
     cached: bool = False
 
@@ -62,6 +67,21 @@ class Build:
             **self.source.identity(), "page_shift": self.page_shift, "flavor": self.flavor,
             "compiler": self.compiler, "api": self.api, "library": str(self.library),
         }
+
+    def site(self, line: int) -> tuple[str, str]:
+        """(function, line-text hash) of a line of the KHO file, or ('?', '')."""
+        return self.sites.get(line, ("?", ""))
+
+
+def line_hash(text: str) -> str:
+    """The identity of a source line's text: whitespace-insensitive, short."""
+    return hashlib.sha256(" ".join(text.split()).encode()).hexdigest()[:16]
+
+
+def _sites(kho_c: Path, kept: list[tuple[str, int, int]]) -> dict[int, tuple[str, str]]:
+    lines = kho_c.read_text(errors="replace").split("\n")
+    return {ln: (names, line_hash(lines[ln - 1])) for names, first, last in kept
+            for ln in range(first, min(last, len(lines)) + 1)}
 
 
 BUNDLE_META = "target.json"
@@ -76,8 +96,9 @@ def save_bundle(b: Build, directory: Path) -> Path:
     shutil.copy2(b.library, directory / BUNDLE_LIBRARY)
     meta = {
         "source": b.source.identity(),
-        "build": {"page_shift": b.page_shift, "flavor": b.flavor, "compiler": b.compiler, "api": b.api,
-                  "compatible": b.compatible, "doc_compatible": b.doc_compatible, "unit_bytes": b.unit_bytes},
+        "build": {"flavor": b.flavor, "compiler": b.compiler, "api": b.api, "compatible": b.compatible,
+                  "doc_compatible": b.doc_compatible, "unit_bytes": b.unit_bytes, "kept": b.kept, "sites": b.sites},
+        "page_shift": b.page_shift,
     }
     (directory / BUNDLE_META).write_text(json.dumps(meta, indent=1) + "\n")
     return directory
@@ -87,8 +108,8 @@ def load_bundle(directory: Path) -> Build:
     """The build ``save_bundle`` wrote into ``directory``."""
     try:
         meta = json.loads((directory / BUNDLE_META).read_text())
-        return Build(library=directory / BUNDLE_LIBRARY, source=KernelSource.from_identity(meta["source"], directory),
-                     **meta["build"])
+        return _from_meta(meta["build"], library=directory / BUNDLE_LIBRARY, page_shift=meta["page_shift"],
+                          source=KernelSource.from_identity(meta["source"], directory))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise KhoConformError(f"{directory}: not a build bundle ({e}); write one with kho-conform fuzz or build") from None
 
@@ -139,8 +160,8 @@ def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, 
     library = work / "libkho.so"  # its final place
     meta_path = work / "build.json"
     if library.exists() and meta_path.exists() and not force:
-        meta = json.loads(meta_path.read_text())
-        return Build(library=library, source=source, page_shift=page_shift, flavor=flavor, cached=True, **meta)
+        return _from_meta(json.loads(meta_path.read_text()), library=library, source=source, page_shift=page_shift,
+                          flavor=flavor, cached=True)
     start = time.monotonic()
     final = work
     # Build aside and rename into place: parallel test workers and an
@@ -160,9 +181,11 @@ def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, 
     _run([cc, *flags, *STRICT, *include_flags(staged), f"-I{DRIVER_DIR}", "-c", str(unit), "-o", str(obj)],
          f"{KHO_C} against the shims")
     objs.append(obj)
-    obj = work / "runtime.o"
-    _run([cc, *flags, *STRICT, f"-I{RUNTIME_DIR}", f"-I{gen}", "-c", str(RUNTIME_DIR / "kc_runtime.c"), "-o", str(obj)], "the runtime")
-    objs.append(obj)
+    for path in sorted(RUNTIME_DIR.glob("*.c")):
+        obj = work / f"{path.stem}.o"
+        extra = RUNTIME_EXTRA if flavor != "plain" else []
+        _run([cc, *flags, *extra, *STRICT, f"-I{RUNTIME_DIR}", f"-I{gen}", "-c", str(path), "-o", str(obj)], f"the runtime ({path.name})")
+        objs.append(obj)
     libfdt = source.root / "scripts/dtc/libfdt"
     for name in LIBFDT_SOURCES:
         obj = work / f"{name}.o"
@@ -176,6 +199,7 @@ def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, 
     meta = {
         "compiler": cc, "api": ex.api, "compatible": ex.compatible, "doc_compatible": ex.doc_compatible,
         "unit_bytes": len(ex.unit.encode()), "kept": ex.kept, "dropped": ex.dropped,
+        "sites": _sites(source.root / KHO_C, ex.kept),
         "seconds": round(time.monotonic() - start, 2),
     }
     (work / "build.json").write_text(json.dumps(meta, indent=1))
@@ -189,4 +213,10 @@ def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, 
     for stale in final.parent.glob(f"{source.digest()[:16]}-*-ps{page_shift}-{flavor}"):
         if stale != final and stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
-    return Build(library=library, source=source, page_shift=page_shift, flavor=flavor, **meta)
+    return _from_meta(json.loads(json.dumps(meta)), library=library, source=source, page_shift=page_shift, flavor=flavor)
+
+
+def _from_meta(meta: dict, **fields) -> Build:
+    """A Build from build.json (JSON turns the site table's keys into strings)."""
+    sites = {int(line): tuple(site) for line, site in meta.pop("sites", {}).items()}
+    return Build(**fields, **meta, sites=sites)

@@ -22,9 +22,13 @@ import struct
 from collections.abc import Iterable
 from enum import IntEnum
 
+from reference.image import memory_pages
 from reference.outcome import ERRNO, Image
 from reference.program import (
     ARENA_BASE_PHYS,
+    FILLER_BLOB_BASE,
+    FILLER_PAD,
+    FILLER_PREFIX,
     MAX_ARENA_PAGES,
     MAX_NAME,
     MAX_NUMA_RANGES,
@@ -53,8 +57,9 @@ class Rec(IntEnum):
     MAGIC = 7  # a = pfn, b = order
     PHANTOM = 8  # a = pfn
     EVENT = 9  # a = text offset: fault, timeout, sanitizer report, out-of-arena access
-    STATE = 10  # a = root phys, b = fdt phys, c = scratch count
+    STATE = 10  # a = root phys, b = fdt phys, c = arena high-water mark (pages)
     BOOT = 11  # a = rc of the old kernel's KHO init
+    SANITIZER = 12  # a = text offset of "kind\tfile\tline\tcolumn\tdetail", b = 1 if it ended the op (ASan), c = code address
 
 
 class Memblock(IntEnum):
@@ -68,6 +73,10 @@ class Memblock(IntEnum):
 
 
 OP_BOOT = 0xFFFFFFFF  # a record's op index outside any op: boot, or the end state
+# CPU time one op of kernel code may take before it counts as running away;
+# a sanitizer build gets this many times more.
+CPU_BUDGET_SECONDS = 1
+SANITIZER_SLOWDOWN = 4
 RESTORE_ORDER_LIMIT = RESTORE_PAGE_LIMIT.bit_length() - 1  # restores of larger blocks are skipped
 
 _CTYPES = {"u32": ("kc_u32", "I"), "u64": ("kc_u64", "Q"), "range": ("struct kc_range", "QQ"), "char": ("char", "s")}
@@ -87,6 +96,7 @@ STEP_FIELDS: tuple[Field, ...] = (
 REC_FIELDS: tuple[Field, ...] = (("kind", "u32", 0), ("op", "u32", 0), ("a", "u64", 0), ("b", "u64", 0), ("c", "u64", 0))
 IMAGE_FIELDS: tuple[Field, ...] = (
     ("fdt_phys", "u64", 0), ("scratch_phys", "u64", 0), ("scratch_len", "u64", 0), ("npages", "u64", 0),
+    ("arena_hwm", "u64", 0),  # arena pages [0, arena_hwm) stay the old kernel's
 )
 
 
@@ -122,15 +132,14 @@ def pack_program(p: Program) -> bytes:
 
 def pack_image(image: Image, page_size: int) -> bytes:
     """A handover image made elsewhere, as the driver lays it into its arena:
-    the tree pages, the scratch descriptors' page and the FDT page."""
-    pages = dict(image.pages)
-    pages.setdefault(image.scratch_phys, image.scratch)
-    pages[image.fdt_phys] = image.fdt
+    every page of the old kernel's memory it holds (tree pages, the rest of
+    the arena, the scratch descriptors' page, the FDT page)."""
+    pages = memory_pages(image)
 
     def page(data: bytes) -> bytes:
         return bytes(data[:page_size]).ljust(page_size, b"\0")
 
-    out = [IMAGE.pack(image.fdt_phys, image.scratch_phys, len(image.scratch), len(pages))]
+    out = [IMAGE.pack(image.fdt_phys, image.scratch_phys, len(image.scratch), len(pages), image.arena_hwm)]
     out += [PAGE_PHYS.pack(phys & U64) + page(data) for phys, data in sorted(pages.items())]
     return b"".join(out)
 
@@ -168,6 +177,11 @@ def c_header() -> str:
 #define KC_NOT_RUN ({NOT_RUN})
 #define KC_WARN_CAP {WARN_CAP}
 #define KC_OP_BOOT {OP_BOOT:#x}u
+#define KC_CPU_BUDGET_SECONDS {CPU_BUDGET_SECONDS}
+#define KC_SANITIZER_SLOWDOWN {SANITIZER_SLOWDOWN}
+#define KC_FILLER_PREFIX "{FILLER_PREFIX}"
+#define KC_FILLER_PAD '{FILLER_PAD}'
+#define KC_FILLER_BLOB_BASE {FILLER_BLOB_BASE:#x}ULL
 {errnos}
 {_c_enum("kc_op", "KC_", ((k.name, int(k)) for k in Op))}
 {_c_enum("kc_rec_kind", "KC_REC_", ((k.name, int(k)) for k in Rec))}

@@ -88,7 +88,7 @@ class Extraction:
     unit: str  # the emitted translation unit (kernel file, globals table, driver include)
     api: str  # "page" or "key"
     features: dict[str, str]  # -D defines for the driver
-    kept: list[str]
+    kept: list[tuple[str, int, int]]  # the KHO file's items the driver reaches: (names, first line, last line)
     dropped: list[tuple[str, str]]  # (item, reason)
     globals: list[str]
     compatible: str  # KHO_FDT_COMPATIBLE as the code defines it
@@ -392,7 +392,7 @@ def extract(root: Path, work: Path, page_shift: int, cc: str) -> Extraction:
     trailer += ["};", '#include "kc_driver.c"', ""]
     return Extraction(
         unit=unit + "\n".join(trailer), api=api, features=features,
-        kept=[",".join(sorted(it.defines)) for it in kept if it.file.endswith(KHO_C)],
+        kept=[(",".join(sorted(it.defines)), it.line, it.end) for it in kept if it.file.endswith(KHO_C)],
         dropped=dropped, globals=glob, compatible=code_compat, doc_compatible=doc_compat,
     )
 

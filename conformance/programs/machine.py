@@ -312,7 +312,7 @@ class KhoMachine(RuleBasedStateMachine):
         cls.steps_run += len(self.steps)
         program = self.program()
         cmp = compare(program, self.target)
-        verdict = triage(cmp, self.target.build.source.release)
+        verdict = triage(cmp, self.target, attribute=False)
         if verdict.status == "fail":
             raise UnknownDivergence(self.target, program, cmp, verdict.divergence)
 

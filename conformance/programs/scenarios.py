@@ -23,7 +23,7 @@ from reference.fdt import Fdt, kho_add_subtree
 from reference.geometry import geometry
 from reference.outcome import Outcome
 from reference.profiles import KHO_V4, Profile
-from reference.program import MAX_NAME, MAX_RAM_PFN, Header, Op, Program, Step
+from reference.program import MAX_NAME, MAX_RAM_PFN, Header, Op, Program, Step, filler_blob, filler_name
 
 from .layouts import BOOT_SUBTREE, NUMA_SPLIT, RAM_PFNS, arena_index, standard_header
 
@@ -82,6 +82,9 @@ class _Ops:
 
     def retrieve(self, name: str) -> _Ops:
         return self.add(Op.RETRIEVE_SUBTREE, name=name)
+
+    def fill(self, first: int, count: int, name_len: int) -> _Ops:
+        return self.add(Op.FILL_FDT, first, count, name_len)
 
 
 def _program(header: Header, ops: Iterable[Step]) -> Program:
@@ -310,6 +313,87 @@ def _subtree_overflow(P: int) -> list[Scenario]:
                      f"page shift {P}, then -ENOMEM), remove three, add again until full.")]
 
 
+PROBE = "probe".ljust(MAX_NAME, "x")  # the subtree whose addition meets the full page
+_SUBTREE_FIXED_BYTES = 48  # FDT growth of a subtree besides its name: node tags and two u64 properties
+
+
+def _growth(name_len: int) -> int:
+    return _SUBTREE_FIXED_BYTES + (name_len + 4) // 4 * 4  # the name with its NUL, 4-aligned
+
+
+def _parts(consume: int, smallest: int, largest: int) -> list[int] | None:
+    """Growths in [smallest, largest] (multiples of 4) adding up to ``consume``."""
+    if consume == 0:
+        return []
+    count = -(-consume // largest)
+    if consume < count * smallest:
+        return None
+    parts = [consume // count // 4 * 4] * count
+    parts[0] += consume - sum(parts)
+    return parts if all(smallest <= p <= largest for p in parts) else None
+
+
+def _fdt_edge(P: int) -> list[Scenario]:
+    """The FDT page exhausted at every offset of a subtree's growth: fill it
+    to the brim, bring the free space down to the lowest value the layout
+    can reach, then raise it 4 bytes at a time (a filler swapped for one with
+    a shorter name: every value the layout can reach, checked on the model's
+    FDT) up to the probe subtree's growth, adding the probe at each: it fails
+    in add_subnode, in either setprop (which must leave no half node behind),
+    or fits."""
+    header = standard_header(P)
+    old = model.OldKernel(header, _LAYOUT_PROFILE)
+    old.boot()
+    ops = _Ops(P)
+
+    def emit(op: Op, a: int = 0, b: int = 0, c: int = 0, name: str = "") -> int:
+        ops.add(op, a, b, c, name=name)
+        return old.apply(ops.steps[-1]).value
+
+    def free() -> int:
+        return old.geo.page_size - old.fdt.totalsize()
+
+    probe_growth, smallest = _growth(MAX_NAME), _growth(15)
+    fillers = dict.fromkeys(range(emit(Op.FILL_FDT, 0, 1 << 20, MAX_NAME)), probe_growth)  # index -> growth
+
+    def swap(index: int, growth: int) -> None:
+        emit(Op.REMOVE_SUBTREE, filler_blob(index, P))
+        del fillers[index]
+        if growth:
+            new = max(fillers) + 1
+            emit(Op.FILL_FDT, new, 1, growth - _SUBTREE_FIXED_BYTES - 1)
+            fillers[new] = growth
+
+    lowest = free() % 4
+    for removals in (1, 2, 3):
+        plan = _parts(free() + removals * probe_growth - lowest, smallest, probe_growth)
+        if plan is not None:
+            break
+    assert plan is not None
+    for _ in range(removals):
+        swap(max(fillers), 0)
+    for growth in plan:
+        new = max(fillers) + 1
+        emit(Op.FILL_FDT, new, 1, growth - _SUBTREE_FIXED_BYTES - 1)
+        fillers[new] = growth
+    covered = []
+    while True:
+        assert free() % 4 == lowest, (P, free())
+        covered.append(free())
+        emit(Op.ADD_SUBTREE, 0x5_0000_0000, 0x42, name=PROBE)
+        emit(Op.REMOVE_SUBTREE, 0x5_0000_0000)
+        if free() >= probe_growth:
+            break
+        shrinkable = [i for i, g in fillers.items() if g - 4 >= smallest]
+        swap(shrinkable[-1], fillers[shrinkable[-1]] - 4)
+    assert covered == list(range(lowest, probe_growth + 4, 4)), covered  # up to the first that fits
+    ops.kexec().retrieve(PROBE).retrieve(filler_name(0, MAX_NAME)).retrieve(BOOT_SUBTREE)
+    return [Scenario("scenario.fdt-edge", _program(header, ops),
+                     f"Fill the FDT page, then add a subtree with {lowest} + 4k bytes free for every k up to its "
+                     f"growth of {probe_growth} bytes ({len(covered)} offsets): it fails in add_subnode, in the first "
+                     "or second setprop, or fits; a failure must leave the FDT as it was.")]
+
+
 def _restore_pages_numa(P: int) -> list[Scenario]:
     # [0x100, 0x110) with node 1 from 0x106: preserved as (0x100, 2) (0x104, 1)
     # (0x106, 1) (0x108, 3). A restore that sizes blocks by alignment alone
@@ -389,19 +473,21 @@ def _corrupt(P: int) -> list[Scenario]:
 
 _BUILDERS: tuple[Callable[[int], list[Scenario]], ...] = (
     _empty_tree, _every_order, _widest_orders, _pfn_zero, _highest_pfns, _numa_crossing, _ram_holes,
-    _alloc_failures, _subtrees, _subtree_overflow, _restore_pages_numa, _range_2_40, _corrupt,
+    _alloc_failures, _subtrees, _subtree_overflow, _fdt_edge, _restore_pages_numa, _range_2_40, _corrupt,
 )
 
 
-def scenarios(page_shift: int) -> list[Scenario]:
-    """Every scenario for one page shift, in a fixed order."""
+@functools.cache
+def scenarios(page_shift: int) -> tuple[Scenario, ...]:
+    """Every scenario for one page shift, in a fixed order (built once: some
+    are derived from the model's own runs)."""
     Header(page_shift=page_shift).validate()  # 12, 14 or 16
     out: list[Scenario] = []
     for build in _BUILDERS:
         out += build(page_shift)
     names = [s.name for s in out]
     assert len(names) == len(set(names)), "scenario names must be unique"
-    return out
+    return tuple(out)
 
 
 def by_name(page_shift: int) -> dict[str, Scenario]:

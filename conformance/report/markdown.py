@@ -30,7 +30,8 @@ def _fence(text: str) -> str:
 
 def render_markdown(report: Report) -> str:
     out = [f"# {_md(report.title)}", "", f"Created {_md(report.created)} by kho-conform {_md(report.tool_version)}.", "",
-           "## Summary", "", "| kernel | page shift | flavor | " + " | ".join(STATUSES) + " | verdict |",
+           "## Summary", "", "Known counts the distinct known findings reached, however many checks reach each.", "",
+           "| kernel | page shift | flavor | " + " | ".join(STATUSES) + " | verdict |",
            "|---|---:|---|" + "---:|" * len(STATUSES) + ":-:|"]
     for c in report.cells:
         n = c.counts()

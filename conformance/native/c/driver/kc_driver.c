@@ -128,7 +128,7 @@ static void kc_record_walk(void)
 static void kc_record_state(void)
 {
 	kc_record(KC_REC_STATE, virt_to_phys(kho_out.radix_tree.root), kho_out.fdt ? virt_to_phys(kho_out.fdt) : 0,
-		  kho_scratch_cnt);
+		  kc_arena_hwm());
 	kc_snapshot();
 }
 
@@ -164,8 +164,10 @@ static void kc_corrupt_image(const struct kc_run *run)
 	for (unsigned long i = 0; i < kc_cur_op; i++) {
 		const struct kc_step *s = &run->steps[i];
 
-		if (s->op == KC_POKE_ARENA && s->a < kc_arena_pages() && s->b < PAGE_SIZE / sizeof(u64))
+		if (s->op == KC_POKE_ARENA && s->a < kc_arena_pages() && s->b < PAGE_SIZE / sizeof(u64)) {
 			((u64 *)kc_arena_page(s->a))[s->b] = s->c;
+			kc_arena_written(s->a);
+		}
 		else if (s->op == KC_POKE_FDT && s->a < PAGE_SIZE)
 			((u8 *)kho_out.fdt)[s->a] = (u8)s->b;
 	}
@@ -184,6 +186,7 @@ static void kc_next_kernel(struct kc_run *run)
 		fdt_phys = image.fdt_phys;
 		scratch_phys = image.scratch_phys;
 		scratch_len = image.scratch_len;
+		kc_arena_reserve(0, image.arena_hwm);
 	} else {
 		kc_corrupt_image(run);
 		kc_record_state();
@@ -244,6 +247,35 @@ static void kc_restore_op(const struct kc_step *s)
 	kc_op_result(page ? 0 : -1, page ? page_to_pfn(page) : 0, kc_managed_pages() - before);
 }
 
+/* fill_fdt: kho_add_subtree of filler_name(first + i, name_len) with blob
+ * filler_blob(first + i) and size first + i, until one fails. */
+static void kc_fill_fdt(const struct kc_step *s)
+{
+	char name[KC_MAX_NAME + 1], digits[24];
+	u64 i;
+	int rc = 0;
+
+	for (i = 0; i < s->b; i++) {
+		u64 index = s->a + i, v = index;
+		int n = 0, d = 0;
+
+		do
+			digits[d++] = '0' + v % 10;
+		while (v /= 10);
+		for (const char *p = KC_FILLER_PREFIX; *p; p++)
+			name[n++] = *p;
+		while (d)
+			name[n++] = digits[--d];
+		while ((u64)n < s->c && n < KC_MAX_NAME)
+			name[n++] = KC_FILLER_PAD;
+		name[n] = 0;
+		rc = kho_add_subtree(name, phys_to_virt(KC_FILLER_BLOB_BASE + (index << PAGE_SHIFT)), index);
+		if (rc)
+			break;
+	}
+	kc_op_result(rc, i, 0);
+}
+
 static void kc_old_kernel_op(struct kc_run *run, const struct kc_step *s)
 {
 	struct kho_radix_tree *tree = &kho_out.radix_tree;
@@ -300,6 +332,9 @@ static void kc_old_kernel_op(struct kc_run *run, const struct kc_step *s)
 	case KC_POKE_ARENA:
 	case KC_POKE_FDT:
 		break; /* applied to the image at kexec: kc_corrupt_image() */
+	case KC_FILL_FDT:
+		kc_fill_fdt(s);
+		return;
 	}
 	kc_op_result(rc, 0, 0);
 }
@@ -326,7 +361,8 @@ static void kc_step(struct kc_run *run, const struct kc_step *s)
 		size_t size = 0;
 		int rc = run->next ? kho_retrieve_subtree(s->name, &phys, &size) : -ENOENT;
 
-		kc_op_result(rc, phys, size);
+		/* the outputs mean something only on success */
+		kc_op_result(rc, rc ? 0 : phys, rc ? 0 : size);
 		break;
 	}
 	default:
@@ -356,6 +392,7 @@ static void kc_run_steps(void *arg)
 	}
 	for (unsigned long i = run->image ? 1 : 0; i < run->nsteps; i++) {
 		kc_cur_op = i;
+		kc_op_budget();
 		kc_step(run, &run->steps[i]);
 	}
 	if (!run->next && run->enabled) {

@@ -16,6 +16,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/time.h>
+#include <ucontext.h>
 
 #include "kc_contract.h"
 #include "kc_runtime.h"
@@ -31,7 +32,6 @@
 #define DIRECT_MAP_BYTES (1ULL << 40)
 #define HIGH_SLOTS 4096
 #define WARN_SITES 4096
-#define CPU_BUDGET_SECONDS 1
 
 static unsigned long kc_page_offset; /* host address of phys 0 */
 static unsigned char *high_map;
@@ -47,6 +47,7 @@ static unsigned long arena_first_pfn, arena_mapped;
 static unsigned char *arena_order;  /* per arena page: order + 1 at a block head, 0 free */
 static unsigned char *arena_used;
 static unsigned long arena_hint = 1, arena_hwm = 1;
+static unsigned long arena_dirty = 1; /* one past the highest page written: allocated or poked */
 static unsigned long long alloc_count;
 static int fault_armed, slab_ready, memory_init;
 static long managed_pages;
@@ -64,6 +65,7 @@ static unsigned long snapshot_pages;
 static sigjmp_buf protect_env;
 static volatile sig_atomic_t protecting;
 static volatile unsigned long long fault_addr;
+static void *volatile fault_pc;
 static volatile int fault_signal;
 
 static void *grow(void *p, unsigned long *cap, unsigned long need, size_t elem)
@@ -347,6 +349,8 @@ static void mark(unsigned long start, unsigned long n, int used)
 	memset(arena_used + start, used, n);
 	if (used && start + n > arena_hwm)
 		arena_hwm = start + n;
+	if (used && start + n > arena_dirty)
+		arena_dirty = start + n;
 }
 
 void kc_arena_reserve(unsigned long first, unsigned long n)
@@ -448,6 +452,13 @@ static const char *code_location(void *pc)
 	return buf;
 }
 
+unsigned long long kc_code_offset(void *pc)
+{
+	Dl_info info;
+
+	return dladdr(pc, &info) ? (unsigned long)pc - (unsigned long)info.dli_fbase : 0;
+}
+
 static struct sigaction previous[NSIG];
 
 static void on_fault(int sig, siginfo_t *info, void *uctx)
@@ -467,25 +478,11 @@ static void on_fault(int sig, siginfo_t *info, void *uctx)
 	}
 	fault_signal = sig;
 	fault_addr = (unsigned long long)(unsigned long)(sig == SIGVTALRM ? 0 : info->si_addr);
+#if defined(__x86_64__)
+	fault_pc = (void *)((ucontext_t *)uctx)->uc_mcontext.gregs[REG_RIP];
+#endif
 	siglongjmp(protect_env, 1);
 }
-
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define KC_ASAN 1
-#endif
-#endif
-#ifdef KC_ASAN
-void __asan_set_error_report_callback(void (*callback)(const char *));
-
-/* With halt_on_error=0 ASan carries on after a report: keep it as a finding. */
-static void on_asan_report(const char *report)
-{
-	const char *summary = strstr(report, "SUMMARY: ");
-
-	kc_record(KC_REC_EVENT, kc_text("%.480s", summary ? summary : report), 0, 0);
-}
-#endif
 
 static void init_once(void)
 {
@@ -502,9 +499,7 @@ static void init_once(void)
 		abort();
 	}
 	kc_page_offset = (unsigned long)direct_map;
-#ifdef KC_ASAN
-	__asan_set_error_report_callback(on_asan_report);
-#endif
+	kc_sanitizer_init();
 	arena_order = calloc(KC_MAX_ARENA_PAGES, 1);
 	arena_used = calloc(KC_MAX_ARENA_PAGES, 1);
 	memset(&sa, 0, sizeof(sa));
@@ -513,7 +508,7 @@ static void init_once(void)
 	sigaction(SIGSEGV, &sa, &previous[SIGSEGV]);
 	sigaction(SIGBUS, &sa, &previous[SIGBUS]);
 	sigaction(SIGVTALRM, &sa, &previous[SIGVTALRM]);
-	sigaction(SIGILL, &sa, &previous[SIGILL]); /* UBSan built with -fsanitize-trap */
+	sigaction(SIGILL, &sa, &previous[SIGILL]);
 }
 
 /* A new kernel (or program) starts with fresh struct pages: drop the span
@@ -556,7 +551,7 @@ int kc_setup(const struct kc_header *h)
 		arena_mapped = want;
 	}
 	arena_used[0] = 1; /* page 0: the scratch descriptors */
-	arena_hint = arena_hwm = 1;
+	arena_hint = arena_hwm = arena_dirty = 1;
 	alloc_count = 0;
 	managed_pages = 0;
 	nrecs = ntext = 0;
@@ -576,34 +571,56 @@ void kc_start_kernel(int next)
 	managed_pages = 0;
 }
 
+void kc_arena_written(unsigned long index)
+{
+	if (index < hdr.arena_pages && index + 1 > arena_dirty)
+		arena_dirty = index + 1;
+}
+
 void kc_snapshot(void)
 {
-	snapshot = realloc(snapshot, arena_hwm * PG_SIZE);
-	memcpy(snapshot, kc_arena_page(0), arena_hwm * PG_SIZE);
-	snapshot_pages = arena_hwm;
+	snapshot = realloc(snapshot, arena_dirty * PG_SIZE);
+	memcpy(snapshot, kc_arena_page(0), arena_dirty * PG_SIZE);
+	snapshot_pages = arena_dirty;
+}
+
+/* Sanitizer builds run the same kernel code several times slower. */
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KC_BUDGET_SECONDS (KC_CPU_BUDGET_SECONDS * KC_SANITIZER_SLOWDOWN)
+#endif
+#endif
+#ifndef KC_BUDGET_SECONDS
+#define KC_BUDGET_SECONDS KC_CPU_BUDGET_SECONDS
+#endif
+
+void kc_op_budget(void)
+{
+	struct itimerval budget = { { 0, 0 }, { KC_BUDGET_SECONDS, 0 } };
+
+	if (protecting)
+		setitimer(ITIMER_VIRTUAL, &budget, NULL);
 }
 
 int kc_protected(void (*fn)(void *), void *arg)
 {
-	struct itimerval budget = { { 0, 0 }, { CPU_BUDGET_SECONDS, 0 } };
 	struct itimerval off = { { 0, 0 }, { 0, 0 } };
 
 	if (sigsetjmp(protect_env, 1)) {
 		protecting = 0;
 		setitimer(ITIMER_VIRTUAL, &off, NULL);
 		if (fault_signal == SIGVTALRM)
-			kc_record(KC_REC_EVENT, kc_text("timeout: over %d s of CPU in kernel code", CPU_BUDGET_SECONDS), 0, 0);
-		else if (fault_signal == SIGILL)
-			kc_record(KC_REC_EVENT, kc_text("undefined behaviour trap at %s", code_location((void *)(unsigned long)fault_addr)), 0, 0);
+			kc_record(KC_REC_EVENT, kc_text("timeout: over %d s of CPU in kernel code", KC_BUDGET_SECONDS), 0, 0);
 		else if (fault_signal)
 			kc_record(KC_REC_EVENT,
-				  kc_text("fault: %s at %#llx (phys %#llx), outside the arena", strsignal(fault_signal),
-					  fault_addr, kc_virt_to_phys((void *)(unsigned long)fault_addr)), 0, 0);
+				  kc_text("fault: %s at %#llx (phys %#llx), outside the arena, in %s", strsignal(fault_signal),
+					  fault_addr, kc_virt_to_phys((void *)(unsigned long)fault_addr),
+					  code_location(fault_pc)), 0, 0);
 		fault_signal = 0;
 		return 1;
 	}
 	protecting = 1;
-	setitimer(ITIMER_VIRTUAL, &budget, NULL);
+	kc_op_budget();
 	fn(arg);
 	setitimer(ITIMER_VIRTUAL, &off, NULL);
 	protecting = 0;

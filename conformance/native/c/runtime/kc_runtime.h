@@ -61,6 +61,11 @@ extern unsigned int kc_cur_op;
 void kc_record(unsigned int kind, unsigned long long a, unsigned long long b, unsigned long long c);
 unsigned long long kc_text(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* Offset of a code address in this library, for symbolizing in Python. */
+unsigned long long kc_code_offset(void *pc);
+/* Route sanitizer reports into records (kc_sanitizer.c). */
+void kc_sanitizer_init(void);
+
 struct kc_header;
 /* Reset all runtime state for a new program; non-zero for a bad header. */
 int kc_setup(const struct kc_header *h);
@@ -72,10 +77,14 @@ unsigned long kc_arena_pages(void);
 unsigned long kc_arena_hwm(void); /* one past the highest page ever allocated */
 /* Keep [first, first + n) arena pages allocated: the handed-over image. */
 void kc_arena_reserve(unsigned long first, unsigned long n);
-/* Copy the arena's used pages aside: the old kernel's memory at kexec. */
+/* A page was written outside the allocator (a poke): the snapshot covers it. */
+void kc_arena_written(unsigned long index);
+/* Copy the arena's written pages aside: the old kernel's memory at kexec. */
 void kc_snapshot(void);
 /* Run fn(arg) so that a fault or a runaway loop ends it with a recorded
  * event instead of killing the process; non-zero if it was ended. */
 int kc_protected(void (*fn)(void *), void *arg);
+/* Give the op about to run its own CPU budget. */
+void kc_op_budget(void);
 
 #endif
