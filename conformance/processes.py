@@ -12,7 +12,7 @@ and none of its temporary directories either, however it ends.
 - :func:`temp_dir`: a temporary directory, removed on exit or by the watchdog.
 - :func:`supervised`: a child in a process group of its own (Ctrl-C on the
   terminal reaches only this process, which then stops the child's whole
-  group: the stop signal, a grace period, SIGKILL).
+  group: SIGTERM, a grace period, SIGKILL).
 - :func:`handle_termination`: SIGTERM and SIGHUP raise :class:`Terminated`,
   a ``KeyboardInterrupt``, so the cleanup Ctrl-C gets runs for them too.
 
@@ -81,7 +81,8 @@ def guard() -> str:
             return _guard[1]
         token = secrets.token_hex(8)
         read_end, write_end = os.pipe()  # not inheritable: only the watchdog gets the read end, as its stdin
-        env = {k: v for k, v in os.environ.items() if k not in (GUARDS_ENV, "LD_PRELOAD", "ASAN_OPTIONS")}
+        # Outer watchdogs' tokens stay: to them, this one is part of the family until it is done.
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS")}
         subprocess.Popen([sys.executable, "-I", __file__, token, str(os.getpid())], stdin=read_end,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
         os.close(read_end)
@@ -197,7 +198,7 @@ def temp_dir(parent: Path | None = None, prefix: str = "kho-conform-") -> Iterat
 
 
 @contextmanager
-def supervised(cmd: list[str], *, stop_signal: int = signal.SIGINT, grace: float = STOP_GRACE,
+def supervised(cmd: list[str], *, stop_signal: int = signal.SIGTERM, grace: float = STOP_GRACE,
                env: dict[str, str] | None = None, **popen) -> Iterator[subprocess.Popen]:
     """Run ``cmd`` in a new session (its own process group) for the duration
     of the ``with`` block; on exit, however the block ends, stop its whole
@@ -213,7 +214,7 @@ def supervised(cmd: list[str], *, stop_signal: int = signal.SIGINT, grace: float
         stop(proc, stop_signal, grace)
 
 
-def stop(proc: subprocess.Popen, stop_signal: int = signal.SIGINT, grace: float = STOP_GRACE) -> int:
+def stop(proc: subprocess.Popen, stop_signal: int = signal.SIGTERM, grace: float = STOP_GRACE) -> int:
     """Stop ``proc`` and every process of its group: ``stop_signal`` to the
     group, ``grace`` seconds to exit, then SIGKILL for the leader and anyone
     left behind (workers outliving their parent); returns once the group is

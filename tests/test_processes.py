@@ -54,7 +54,7 @@ def test_guard_kills_the_family_and_removes_its_dirs(tmp_path, sig):
     path, child, grandchild = proc.stdout.readline().split()
     pids = [proc.pid, int(child), int(grandchild)]
     assert Path(path).is_dir() and all(map(alive, pids))
-    assert processes.group_members(int(child)) == [int(child)]  # the grandchild left the group
+    wait_until(lambda: processes.group_members(int(child)) == [int(child)])  # the grandchild left the group
     proc.send_signal(sig)
     proc.wait(10)
     wait_until(lambda: not any(map(alive, pids)) and not Path(path).exists(), timeout=5)
@@ -80,8 +80,8 @@ def test_supervised_stops_the_whole_group():
 
 
 def test_supervised_kills_after_the_grace_period():
-    # ignores SIGINT: stopped by SIGKILL once the grace period is over
-    cmd = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print(1, flush=True); "
+    # ignores SIGTERM: stopped by SIGKILL once the grace period is over
+    cmd = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); "
                                  "time.sleep(300)"]
     start = time.monotonic()
     with processes.supervised(cmd, grace=0.5, stdout=subprocess.PIPE) as proc:
@@ -92,7 +92,7 @@ def test_supervised_kills_after_the_grace_period():
 def test_supervised_stops_on_an_exception():
     with pytest.raises(RuntimeError), processes.supervised(["sleep", "300"]) as proc:
         raise RuntimeError
-    assert proc.returncode == -signal.SIGINT
+    assert proc.returncode == -signal.SIGTERM
 
 
 def test_temp_dir_is_removed_on_an_exception(tmp_path):
