@@ -12,29 +12,29 @@ from pathlib import Path
 import pytest
 from conftest import REPO, child_env
 
-from conformance.compare.diff import compare
 from conformance.compare.target import target_for
 from conformance.compare.triage import load_known
 from conformance.native.build import build
 from conformance.native.sanitizer import SANITIZER_ENV, sanitizer_preload
-from conformance.source import fetch
-from fuzz.findings import FINDING_FILES, iter_findings, load_finding, needs_sanitizer
-from reference.program import parse_program
+from fuzz.findings import FINDING_FILES, iter_findings, load_finding
+from fuzz.minimize import finding_source, replay
 
 CRASHES = REPO / "corpus" / "crashes"
 FINDINGS = list(iter_findings(CRASHES))
 
-# A sanitizer-only finding replays in a process started with the ASan runtime.
-_ASAN_CHILD = r"""
+# Replays a finding exactly as it was saved (source, page shift, flavor,
+# profile) and prints the JSON replay record; for the sanitizer flavors in a
+# process started with their runtime.
+_REPLAY = r"""
 import sys
-from conformance.native.build import build
-from conformance.compare.diff import compare
+from pathlib import Path
 from conformance.compare.target import target_for
-from conformance.source import fetch
-from reference.program import parse_program
-version, page_shift, program = sys.argv[1], int(sys.argv[2]), open(sys.argv[3]).read()
-first = compare(parse_program(program), target_for(build(fetch(version), page_shift, "asan"))).first
-print(first.signature if first else "")
+from conformance.native.build import build
+from fuzz.findings import load_finding
+from fuzz.minimize import finding_source, replay
+finding = load_finding(Path(sys.argv[1]))
+target = target_for(build(finding_source(finding), finding["page_shift"], finding["flavor"]))
+print(replay(Path(sys.argv[1]), target, as_json=True)[0])
 """
 
 
@@ -47,16 +47,28 @@ def fixed_in(signature: str, version: str) -> str | None:
     return None
 
 
-def first_signature(finding: dict, path: Path) -> str:
-    version, page_shift = finding["kernel_version"], finding["page_shift"]
-    if needs_sanitizer(finding):
-        env = {**child_env(), **SANITIZER_ENV, "LD_PRELOAD": sanitizer_preload("asan")}
-        proc = subprocess.run([sys.executable, "-c", _ASAN_CHILD, version, str(page_shift), str(path / "program.txt")],
-                              capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return proc.stdout.strip()
-    first = compare(parse_program((path / "program.txt").read_text()), target_for(build(fetch(version), page_shift))).first
-    return first.signature if first else ""
+def replayed(path: Path) -> dict:
+    """The JSON record of replaying the finding at ``path`` as saved."""
+    finding = load_finding(path)
+    if finding["flavor"] == "plain":
+        target = target_for(build(finding_source(finding), finding["page_shift"]))
+        return json.loads(replay(path, target, as_json=True)[0])
+    env = {**child_env(), **SANITIZER_ENV, "LD_PRELOAD": sanitizer_preload(finding["flavor"])}
+    proc = subprocess.run([sys.executable, "-c", _REPLAY, str(path)], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def check_replay(finding: dict, record: dict) -> None:
+    """Still diverging with the recorded signature, or passing where
+    corpus/known/ marks the bug fixed; always on the saved flavor and profile."""
+    assert record["kernel"]["flavor"] == finding["flavor"] and record["profile"] == finding["profile"]
+    version = record["kernel"]["version"]
+    if (fixed := fixed_in(finding["signature"], version)) is not None:
+        assert record["signature"] != finding["signature"], f"marked fixed in {fixed}, still diverges on {version}"
+    else:
+        assert record["reproduced"], (record["signature"], json.dumps(finding["first"]))
 
 
 def test_findings_directory_is_iterable(tmp_path):
@@ -76,9 +88,14 @@ def test_findings_directory_is_iterable(tmp_path):
 def test_finding_replays(path):
     finding = load_finding(path)
     assert finding["signature"] == path.name
-    version = fetch(finding["kernel_version"]).version  # a version gone from the mirror falls back in its series
-    signature = first_signature({**finding, "kernel_version": version}, path)
-    if (fixed := fixed_in(finding["signature"], version)) is not None:
-        assert signature != finding["signature"], f"marked fixed in {fixed}, still diverges on {version}"
-    else:
-        assert signature == finding["signature"], json.dumps(finding["first"])
+    check_replay(finding, replayed(path))
+
+
+@pytest.mark.parametrize("path", FINDINGS, ids=[p.name for p in FINDINGS])
+def test_finding_replays_from_the_cli(path):
+    """``kho-conform replay DIR`` alone: it reads source, page shift, flavor
+    and profile from finding.json."""
+    proc = subprocess.run([sys.executable, "-m", "conformance.cli", "replay", "--json", str(path)], capture_output=True,
+                          text=True, cwd=REPO, env=child_env(), timeout=300)
+    assert proc.returncode in (0, 1) and not proc.stderr, proc.stderr[-2000:]
+    check_replay(load_finding(path), json.loads(proc.stdout))

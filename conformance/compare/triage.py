@@ -63,8 +63,9 @@ def load_known(directory: Path | None = None) -> tuple[KnownFinding, ...]:
                 affected=tuple(data["affected"]), fixed_in=data.get("fixed_in", ""),
                 description=data["description"].strip(), why_model_is_right=data["why_model_is_right"].strip(), path=path,
             ))
-        except (tomllib.TOMLDecodeError, KeyError) as e:
-            raise KhoConformError(f"{path}: not a valid known-finding record ({e}); fix or remove it") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as e:  # ValueError: TOMLDecodeError, with the line
+            problem = f"no key {e}" if isinstance(e, KeyError) else str(e)
+            raise KhoConformError(f"{path}: not a valid known-finding record ({problem}); fix or remove it") from None
     return tuple(found)
 
 
