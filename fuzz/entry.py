@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 if not __package__:  # run as a file: make the project importable
@@ -97,8 +98,11 @@ class Fuzzer:
             raise DivergenceFound(trace(c, self.target))
         if (self.crashes / signature).exists():  # saved by an earlier worker
             return
-        small = minimize(program, signature_predicate(self.target, signature), self.minimize_runs)
-        path = save_finding(self.crashes, small, c, self.target, data, staging=self.staging)
+        # A scratch directory from the start: a finding in progress shows on
+        # disk (minimizing: empty; saving: with the files being written).
+        with tempfile.TemporaryDirectory(prefix=f".{signature}.", dir=self.staging or self.crashes) as scratch:
+            small = minimize(program, signature_predicate(self.target, signature), self.minimize_runs)
+            path = save_finding(self.crashes, small, c, self.target, data, staging=Path(scratch))
         if path is not None:
             # beside libFuzzer's own lines, for whoever reads the log
             print(f"KHO-FINDING {signature} {path} ({len(small.steps)} ops)", file=sys.stderr, flush=True)

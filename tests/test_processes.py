@@ -106,8 +106,8 @@ _TERMINATED = r"""
 import signal, sys, time
 from conformance import processes
 processes.handle_termination()
-print(signal.getsignal(signal.SIGHUP) == signal.SIG_IGN, flush=True)
 try:
+    print(signal.getsignal(signal.SIGHUP) == signal.SIG_IGN, flush=True)
     time.sleep(30)
 except KeyboardInterrupt as e:
     print(type(e).__name__, processes.exit_code(e), flush=True)
