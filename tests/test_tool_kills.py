@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,25 +214,33 @@ def what_is_going_on(lab: Lab, crashes: Path, token: str) -> str:
 
 
 def kill_once(lab: Lab, how: str, moment: str, crashes: Path, rng: random.Random) -> Kill:
-    token = "kill" + os.urandom(6).hex()
     if moment == "build":  # the library is built afresh by this run
         for build in builds_dir(lab).glob("*-fuzz"):
             shutil.rmtree(build)
+    reached, delay = moment_reached(lab, moment, crashes, time.monotonic(), corpus_size(lab), rng)
+    landed, seconds = run_and_kill(lab, lab.runner(crashes), how, lambda token: reached(), delay,
+                                   lambda token: what_is_going_on(lab, crashes, token))
+    return Kill(how, moment, landed, seconds)
+
+
+def run_and_kill(lab: Lab, command: list[str], how: str, ready: Callable[[str], bool], delay: float,
+                 describe: Callable[[str], str]) -> tuple[str, float]:
+    """Run ``command`` under a parent, end it ``how`` once ``ready(token)``
+    holds and ``delay`` more seconds passed; (what was going on then, seconds
+    until every process of the run was gone)."""
+    token = "kill" + os.urandom(6).hex()
     log = lab.root / "runner.log"
-    corpus_before = corpus_size(lab)
     with open(log, "w") as out:
-        parent = subprocess.Popen([sys.executable, "-c", _PARENT, *lab.runner(crashes)], env=lab.env(token), cwd=lab.root,
+        parent = subprocess.Popen([sys.executable, "-c", _PARENT, *command], env=lab.env(token), cwd=lab.root,
                                   stdout=subprocess.PIPE, stderr=out, text=True, start_new_session=True)
     try:
         runner = int(parent.stdout.readline())
-        started = time.monotonic()
         # Armed once the runner's main() runs (its watchdog is up): a signal
         # during interpreter start-up is Python's business, not the tool's.
         assert wait_for(lambda: len(family_alive(token)) >= 3, 30), "the runner did not start"
-        reached, delay = moment_reached(lab, moment, crashes, started, corpus_before, rng)
-        assert wait_for(reached, 60), f"moment {moment} never came"
+        assert wait_for(lambda: ready(token), 60), f"{command[3]}: the moment to kill never came"
         time.sleep(delay)
-        landed = what_is_going_on(lab, crashes, token)
+        landed = describe(token)
         sent = time.monotonic()
         if how == "SIGKILL-group":
             os.killpg(parent.pid, signal.SIGKILL)
@@ -242,12 +251,22 @@ def kill_once(lab: Lab, how: str, moment: str, crashes: Path, rng: random.Random
         gone = wait_for(lambda: not family_alive(token), GONE_WITHIN)
         seconds = time.monotonic() - sent
         parent.wait(10)
-        assert gone, f"{how} at {moment}: still running after {GONE_WITHIN} s: {family_alive(token)}"
+        assert gone, f"{how} while {landed}: still running after {GONE_WITHIN} s: {family_alive(token)}"
     finally:  # a failed test leaves no run behind to disturb the next
         processes.kill_tagged(token)
     output = log.read_text()
     assert "Traceback" not in output, output[-3000:]
-    return Kill(how, moment, landed, round(seconds, 2))
+    return landed, round(seconds, 2)
+
+
+def fuzzing(token: str) -> bool:
+    """Whether libFuzzer runs in the family of ``token``."""
+    def cmdline(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_text()
+        except OSError:
+            return ""
+    return any("-fork=" in cmdline(pid) for pid in family_alive(token))
 
 
 def test_kills_leave_nothing_behind(lab):
@@ -303,3 +322,17 @@ def test_two_runs_share_a_corpus_and_findings(lab):
     assert len(signatures) == len(set(signatures)) == len(saved)
     check_invariants(lab, [crashes])
     assert all(replay_all(lab, saved).values())
+
+
+@pytest.mark.parametrize("command,how", [("check", "SIGKILL"), ("bench", "SIGTERM")])
+def test_check_and_bench_leave_nothing_behind(lab, command, how):
+    """check and bench start libFuzzer too (and bench its measuring
+    processes): ended while it fuzzes, they leave nothing either."""
+    out = lab.root / command
+    args = {"check": ["--page-shift", "12", "--flavor", "plain", "--examples", "1", "--fuzz-time", "30",
+                      "--crashes", str(out / "crashes"), "--out", str(out)],
+            "bench": ["--quick"]}[command]
+    run_and_kill(lab, [sys.executable, "-m", "conformance.cli", command, "--kernel-tree", str(lab.tree), *args], how,
+                 fuzzing, random.uniform(0, 1), lambda token: "fuzzing")
+    assert not list(lab.tmp.iterdir()), sorted(p.name for p in lab.tmp.iterdir())
+    assert not list(out.rglob(".*")), "temporary directories left"
