@@ -160,13 +160,12 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 def _finding_defaults(args: argparse.Namespace) -> None:
     """A saved finding names its kernel source, page shift, flavor and model
     profile: replay and minimize use them unless told otherwise."""
-    from fuzz.findings import load_finding
+    from fuzz.findings import finding_of
 
     if not args.file.exists():
         raise KhoConformError(f"{args.file}: no such file; give a program text, a finding directory or a fuzzer input")
-    args.finding = None
-    if args.file.is_dir() or (args.file.parent / "finding.json").exists():
-        args.finding = load_finding(args.file)
+    args.finding = finding_of(args.file)
+    if args.finding:
         if args.page_shift is None:
             args.page_shift = args.finding["page_shift"]
         if args.flavor is None:

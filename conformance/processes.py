@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 GUARDS_ENV = "KHO_CONFORM_GUARDS"  # ":"-separated tokens of the watchdogs a process is under
@@ -68,30 +69,41 @@ def exit_code(interrupt: KeyboardInterrupt) -> int:
 
 # ---- the watchdog ----------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _Guard:
+    owner: int  # the pid it watches (a forked child needs its own)
+    token: str
+    pipe: int  # the write end
+    watchdog: subprocess.Popen
+
+
 _lock = threading.Lock()
-_guard: tuple[int, str, int] | None = None  # (owner pid, token, pipe write end)
+_guard: _Guard | None = None
 
 
 def guard() -> str:
     """Start this process's watchdog if it has none yet; return its token.
-    From now on every child inherits the token (``os.environ``)."""
+    From now on every child inherits the token (``os.environ``). Call it
+    after any re-exec (``sanitizer.ensure_process_for``): an exec closes the
+    pipe, and the watchdog then does its work."""
     global _guard
     with _lock:
-        if _guard is not None and _guard[0] == os.getpid():
-            return _guard[1]
+        if _guard is not None and _guard.owner == os.getpid():
+            return _guard.token
         token = secrets.token_hex(8)
         read_end, write_end = os.pipe()  # not inheritable: only the watchdog gets the read end, as its stdin
         # Outer watchdogs' tokens stay: to them, this one is part of the family until it is done.
         env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS")}
-        subprocess.Popen([sys.executable, "-I", __file__, token, str(os.getpid())], stdin=read_end,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+        watchdog = subprocess.Popen([sys.executable, "-I", __file__, token, str(os.getpid())], stdin=read_end,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
         os.close(read_end)
-        _guard = (os.getpid(), token, write_end)
+        _guard = _Guard(os.getpid(), token, write_end, watchdog)
         os.environ[GUARDS_ENV] = with_token(os.environ.get(GUARDS_ENV, ""), token)
         return token
 
 
 def with_token(tokens: str, token: str) -> str:
+    """A ``KHO_CONFORM_GUARDS`` value with ``token`` added."""
     return ":".join([*filter(None, tokens.split(":")), token])
 
 
@@ -99,7 +111,7 @@ def _tell(op: str, path: Path) -> None:
     guard()
     assert _guard is not None
     try:
-        os.write(_guard[2], (json.dumps([op, str(path)]) + "\n").encode())
+        os.write(_guard.pipe, (json.dumps([op, str(path)]) + "\n").encode())
     except OSError:  # the watchdog is gone; nothing left to tell
         pass
 

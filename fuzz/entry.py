@@ -80,6 +80,8 @@ class Fuzzer:
         self.target = target
         self.crashes = crashes
         self.staging = staging
+        if crashes is not None:
+            crashes.mkdir(parents=True, exist_ok=True)
         self.minimize_runs = minimize_runs
         self.page_shift = target.build.page_shift
         self.seen: set[str] = set()  # signatures handled by this process

@@ -113,6 +113,13 @@ def load_finding(path: Path) -> dict:
     return data
 
 
+def finding_of(path: Path) -> dict | None:
+    """The finding ``path`` is (a finding directory) or is in (one of its
+    files), checked as by ``load_finding``; None for anything else."""
+    path = Path(path)
+    return load_finding(path) if path.is_dir() or (path.parent / "finding.json").exists() else None
+
+
 def iter_findings(root: Path) -> Iterator[Path]:
     """Complete finding directories under ``root``, sorted (temporary
     directories of saves in progress start with a dot and are skipped)."""

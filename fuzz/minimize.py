@@ -20,7 +20,7 @@ from reference.profiles import PROFILES
 from reference.program import Header, Program, ProgramError, Step, parse_program
 
 from .decode import decode
-from .findings import load_finding
+from .findings import finding_of
 
 Predicate = Callable[[Program], bool]
 
@@ -163,10 +163,9 @@ def load_input(path: Path, page_shift: int) -> tuple[Program, dict | None]:
     """The program of a finding directory (with its finding.json), a program
     text, or raw fuzzer bytes (``.bin``, decoded for ``page_shift``)."""
     path = Path(path)
-    finding = None
-    if path.is_dir() or (path.parent / "finding.json").exists():
-        finding = load_finding(path)
-        path = path / "program.txt" if path.is_dir() else path
+    finding = finding_of(path)
+    if path.is_dir():
+        path = path / "program.txt"
     try:
         data = path.read_bytes()
     except OSError as e:
