@@ -7,8 +7,8 @@ and none of its temporary directories either, however it ends.
   SIGKILL included. It then kills every process started from this one and
   removes the temporary directories registered with it. Descendants are
   recognised by a token in their environment (``KHO_CONFORM_GUARDS``), which
-  they inherit and cannot shed by changing process group or session, as
-  libFuzzer's fork-mode workers would need to.
+  they inherit and keep even when they leave their process group or
+  session.
 - :func:`temp_dir`: a temporary directory, removed on exit or by the watchdog.
 - :func:`supervised`: a child in a process group of its own (Ctrl-C on the
   terminal reaches only this process, which then stops the child's whole
@@ -150,9 +150,9 @@ def tagged(token: str, exclude: set[int] = frozenset()) -> list[int]:
 def _carries(pid: int, token: str) -> bool:
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes()
-        if _state(pid) == "Z":
-            return False
     except OSError:
+        return False
+    if (_stat(pid) or ["Z"])[0] == "Z":
         return False
     prefix = GUARDS_ENV.encode() + b"="
     for entry in environ.split(b"\0"):
@@ -161,9 +161,14 @@ def _carries(pid: int, token: str) -> bool:
     return False
 
 
-def _state(pid: int) -> str:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2]
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name: state, ppid,
+    pgrp, ... (None: gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
 
 
 def kill_tagged(token: str, exclude: set[int] = frozenset(), timeout: float = KILL_WAIT) -> None:
@@ -257,14 +262,7 @@ def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes of process group ``pgid``."""
     members = []
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{name}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
-        if fields[0] != "Z" and int(fields[2]) == pgid:
+        if name.isdigit() and (fields := _stat(int(name))) and fields[0] != "Z" and int(fields[2]) == pgid:
             members.append(int(name))
     return members
 
