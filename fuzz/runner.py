@@ -85,8 +85,10 @@ def _launcher(directory: Path) -> Path:
     return path
 
 
-def _corpus_dirs(corpus_dir: Path, crashes_dir: Path) -> None:
-    for flag, path in (("CORPUS_DIR", corpus_dir), ("--crashes", crashes_dir)):
+def _make_dirs(dirs: dict[str, Path]) -> None:
+    """Create the run's directories (named for the user as the key says);
+    one line for a path that cannot be one."""
+    for flag, path in dirs.items():
         if path.exists() and not path.is_dir():
             raise KhoConformError(f"{flag} {path} is a file, not a directory; give a directory (it is created if missing)")
         try:
@@ -140,10 +142,9 @@ def run_fuzz(source: KernelSource, page_shift: int = 12, *, corpus_dir: Path, jo
     load_known()  # a broken known-finding record: one error here, not one per worker
     # libFuzzer runs in the work directory: hand it absolute paths
     corpus_dir, crashes_dir = Path(corpus_dir).resolve(), Path(crashes_dir).resolve()
-    _corpus_dirs(corpus_dir, crashes_dir)
-    b = build(source, page_shift, flavor)  # here, so that workers only load it and errors show once
     work = corpus_dir.with_name(corpus_dir.name + ".work")  # libFuzzer's crash-*/timeout-* inputs are kept here
-    work.mkdir(parents=True, exist_ok=True)
+    _make_dirs({"CORPUS_DIR": corpus_dir, "--crashes": crashes_dir, "the work directory beside CORPUS_DIR": work})
+    b = build(source, page_shift, flavor)  # here, so that workers only load it and errors show once
     label = f"{b.source.version} ps{page_shift} {flavor}, {jobs} job{'s' if jobs > 1 else ''}"
     console = Console(stderr=True)
     # The run's own directories: beside the corpus (not /tmp, which may be
