@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 KERNELS ?= 7.1 7.2 7.3
 APT_PACKAGES := clang-16 libclang-rt-16-dev device-tree-compiler binutils git xz-utils
 
-.PHONY: setup check test bench fuzz clean
+.PHONY: setup check test bench fuzz kill-campaign clean
 
 $(BIN)/kho-conform: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ bench: setup
 
 fuzz: setup
 	$(BIN)/kho-conform fuzz --kernel 7.2 --jobs 2 --time 600 fuzz-corpus
+
+# The tool's own fault injection, longer than the test suite's one round:
+# ROUNDS x 6 signals x 4 moments kills of `kho-conform fuzz`.
+ROUNDS ?= 5
+kill-campaign: setup
+	KHO_KILL_ROUNDS=$(ROUNDS) $(BIN)/python -m pytest -q -s tests/test_tool_kills.py
 
 clean:
 	rm -rf $(VENV) .apt-stamp reports build

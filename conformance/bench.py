@@ -13,7 +13,6 @@ import json
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from rich.table import Table
 
 from reference.program import Header, Op, Program, Step
 
+from .processes import temp_dir
 from .source import KernelSource
 
 
@@ -113,9 +113,9 @@ def _atheris_rate(source: KernelSource, page_shift: int, seconds: int) -> float:
     from the seeds, in a scratch corpus (findings go to a scratch dir too)."""
     from fuzz.runner import run_fuzz
 
-    with tempfile.TemporaryDirectory() as tmp:
-        stats = run_fuzz(source=source, page_shift=page_shift, corpus_dir=Path(tmp) / "corpus", jobs=1,
-                         seconds=seconds, crashes_dir=Path(tmp) / "crashes", live=False)
+    with temp_dir(prefix="kho-bench-") as tmp:  # removed even if bench is killed
+        stats = run_fuzz(source=source, page_shift=page_shift, corpus_dir=tmp / "corpus", jobs=1,
+                         seconds=seconds, crashes_dir=tmp / "crashes", live=False, return_on_interrupt=False)
     return stats.mean_exec_per_s
 
 

@@ -162,8 +162,9 @@ def _fuzz(source: KernelSource, ps: int, plan: Plan) -> tuple[CheckResult, list[
     from fuzz.runner import run_fuzz
 
     corpus = plan.work_dir / f"{source.version}-ps{ps}"
+    # Ctrl-C stops the whole check, not only this fuzz run
     stats = run_fuzz(source=source, page_shift=ps, corpus_dir=corpus, jobs=1, seconds=plan.fuzz_seconds,
-                     crashes_dir=plan.crashes_dir, live=False)
+                     crashes_dir=plan.crashes_dir, live=False, return_on_interrupt=False)
     points = stats.timeline
     new = stats.new_findings
     status = "fail" if new else "pass"

@@ -6,15 +6,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 
 from reference.geometry import PAGE_SHIFTS
 
+from . import processes
 from .errors import KhoConformError
 from .source.versions import DEFAULT_KERNEL
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # errors stay one line, whatever the width
 out = Console(soft_wrap=True)
 
 
@@ -28,6 +31,11 @@ def _kernel_args(p: argparse.ArgumentParser, page_shift_default: int | None = 12
                    help="kernel PAGE_SHIFT (default: %(default)s)" if page_shift_default else "kernel PAGE_SHIFT (default: the finding's, else 12)")
 
 
+def _flavor_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--flavor", choices=("plain", "asan", "fuzz"),
+                   help="build flavor (default: the finding's, else plain)")
+
+
 def _patch_args(g) -> None:
     g.add_argument("--patch", metavar="PATH", type=Path,
                    help="a diff, an mbox (b4 am, git format-patch --stdout) or a git format-patch directory, "
@@ -38,7 +46,15 @@ def _patch_args(g) -> None:
 def _source(args: argparse.Namespace):
     from .source import resolve
 
+    if getattr(args, "finding", None) and not _source_chosen(args):
+        from fuzz.minimize import finding_source
+
+        return finding_source(args.finding)
     return resolve(args.kernel, args.kernel_tree, args.kernel_tarball, args.patch, commits=args.commits)
+
+
+def _source_chosen(args: argparse.Namespace) -> bool:
+    return any(getattr(args, flag, None) for flag in ("kernel", "kernel_tree", "kernel_tarball", "patch", "commits"))
 
 
 def _reproduce_flags(args: argparse.Namespace) -> str:
@@ -50,13 +66,11 @@ def _reproduce_flags(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def _target(args: argparse.Namespace, flavor: str = "plain"):
+def _target(args: argparse.Namespace):
     from .compare.target import target_for
     from .native.build import build
-    from .native.sanitizer import ensure_process_for
 
-    ensure_process_for(flavor)
-    return target_for(build(_source(args), args.page_shift, flavor))
+    return target_for(build(_source(args), args.page_shift, args.flavor))
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
@@ -105,13 +119,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from .check import Plan, run_check
+    from .compare.triage import load_known
     from .report import exit_status, summary_table, write_report
     from .source import resolve
 
-    if "asan" in args.flavor:
-        from .native.sanitizer import ensure_process_for
-
-        ensure_process_for("asan")
+    load_known()  # a broken known-finding record: one line naming it, before any work
     if args.kernel_tree or args.kernel_tarball:
         sources = [resolve(None, args.kernel_tree, args.kernel_tarball, args.patch, commits=args.commits)]
     else:
@@ -124,6 +136,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         report = run_check(plan, args.out, progress=lambda s: bar.update(task, description=s))
     paths = write_report(report, args.out)
     out.print(summary_table(report))
+    for cell in report.cells:
+        for check in cell.checks:
+            if check.status == "error":  # a broken check says why here, not only in the report
+                console.print(f"[red]error[/] {escape(f'{cell.name} {check.name}: {check.detail}')}", highlight=False)
     for kind, path in paths.items():
         out.print(f"{kind:9} {path}")
     return exit_status(report)
@@ -134,39 +150,42 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 
     stats = run_fuzz(source=_source(args), page_shift=args.page_shift, corpus_dir=args.corpus, jobs=args.jobs,
                      seconds=args.time, crashes_dir=args.crashes, live=True)
-    out.print(f"{stats.execs} execs, {stats.exec_per_s:.0f} exec/s, coverage {stats.coverage}, corpus {stats.corpus}, "
-              f"{len(stats.new_findings)} new findings")
+    out.print(f"{stats.execs} execs, {stats.exec_per_s:.0f} exec/s, coverage {stats.coverage}, "
+              f"corpus {stats.corpus} (started from {stats.started_from}), {len(stats.new_findings)} new findings")
     for path in stats.new_findings:
         out.print(f"  kho-conform replay {path}")
     return 0
 
 
 def _finding_defaults(args: argparse.Namespace) -> None:
-    """A saved finding names its kernel and page shift: use them unless told otherwise."""
-    path = args.file if args.file.is_dir() else args.file.parent
-    meta = path / "finding.json"
-    if meta.exists() and not (args.kernel or args.kernel_tree or args.kernel_tarball):
-        data = json.loads(meta.read_text())
-        args.kernel = data.get("kernel_version") or data.get("version")
+    """A saved finding names its kernel source, page shift, flavor and model
+    profile: replay and minimize use them unless told otherwise."""
+    from fuzz.findings import finding_of
+
+    if not args.file.exists():
+        raise KhoConformError(f"{args.file}: no such file; give a program text, a finding directory or a fuzzer input")
+    args.finding = finding_of(args.file)
+    if args.finding:
         if args.page_shift is None:
-            args.page_shift = data.get("page_shift", 12)
+            args.page_shift = args.finding["page_shift"]
+        if args.flavor is None:
+            args.flavor = args.finding["flavor"]
     if args.page_shift is None and args.file.is_file() and args.file.suffix != ".bin":
         from reference.program import ProgramError, parse_program
 
         try:  # a text program says its page shift in its header
             args.page_shift = parse_program(args.file.read_text()).header.page_shift
-        except (ProgramError, UnicodeDecodeError):
+        except (ProgramError, UnicodeDecodeError, OSError):
             pass
     if args.page_shift is None:
         args.page_shift = 12
+    if args.flavor is None:
+        args.flavor = "plain"
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from fuzz.minimize import replay
 
-    if not args.file.exists():
-        raise KhoConformError(f"{args.file}: no such file; give a program text, a finding directory or a fuzzer input")
-    _finding_defaults(args)
     text, diverged = replay(args.file, _target(args), as_json=args.json)
     out.print(text, markup=False, highlight=False)
     return 1 if diverged else 0
@@ -175,9 +194,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_minimize(args: argparse.Namespace) -> int:
     from fuzz.minimize import minimize_file
 
-    if not args.file.exists():
-        raise KhoConformError(f"{args.file}: no such file")
-    _finding_defaults(args)
     path = minimize_file(args.file, _target(args), args.out)
     out.print(str(path))
     return 0
@@ -200,8 +216,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags get one line, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _count(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is too small: give {minimum} or more")
+        return value
+
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kho-conform", description="Differential conformance and fuzzing for the Linux KHO radix tree.")
+    p = _Parser(prog="kho-conform", description="Differential conformance and fuzzing for the Linux KHO radix tree.")
     sub = p.add_subparsers(dest="command", required=True)
 
     k = sub.add_parser("kernel", help="fetch kernel sources into the cache, or list them")
@@ -222,28 +260,30 @@ def parser() -> argparse.ArgumentParser:
     _patch_args(c)
     c.add_argument("--page-shift", type=int, nargs="+", choices=PAGE_SHIFTS, default=list(PAGE_SHIFTS))
     c.add_argument("--flavor", nargs="+", choices=("plain", "asan"), default=["plain", "asan"])
-    c.add_argument("--examples", type=int, default=30, help="stateful examples per cell (default %(default)s)")
-    c.add_argument("--fuzz-time", type=int, default=20, metavar="SECONDS", help="fuzzing per kernel and page shift (default %(default)s; 0: none)")
+    c.add_argument("--examples", type=_count(1), default=30, help="stateful examples per cell (default %(default)s)")
+    c.add_argument("--fuzz-time", type=_count(0), default=20, metavar="SECONDS", help="fuzzing per kernel and page shift (default %(default)s; 0: none)")
     c.add_argument("--crashes", type=Path, default=Path("corpus/crashes"), help="where new findings are saved")
     c.add_argument("--out", type=Path, default=Path("reports"))
     c.set_defaults(fn=cmd_check)
 
     f = sub.add_parser("fuzz", help="fuzz continuously with libFuzzer's fork mode; resumable corpus; live stats")
     _kernel_args(f)
-    f.add_argument("--jobs", type=int, default=1)
-    f.add_argument("--time", type=int, default=60, metavar="SECONDS")
+    f.add_argument("--jobs", type=_count(1), default=1, help="libFuzzer workers (default %(default)s)")
+    f.add_argument("--time", type=_count(1), default=60, metavar="SECONDS", help="how long to fuzz (default %(default)s)")
     f.add_argument("--crashes", type=Path, default=Path("corpus/crashes"))
     f.add_argument("corpus", type=Path, metavar="CORPUS_DIR")
     f.set_defaults(fn=cmd_fuzz)
 
     r = sub.add_parser("replay", help="reproduce a finding or run a hand-written program, printing its trace")
     _kernel_args(r, page_shift_default=None)
+    _flavor_arg(r)
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.add_argument("file", type=Path, metavar="FILE")
     r.set_defaults(fn=cmd_replay)
 
     m = sub.add_parser("minimize", help="minimize a diverging program, keeping its divergence signature")
     _kernel_args(m, page_shift_default=None)
+    _flavor_arg(m)
     m.add_argument("--out", type=Path)
     m.add_argument("file", type=Path, metavar="FILE")
     m.set_defaults(fn=cmd_minimize)
@@ -260,16 +300,33 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sanitizer_flavor(args: argparse.Namespace) -> str:
+    """The flavor whose library this command loads into its own process."""
+    if args.command in ("replay", "minimize"):
+        _finding_defaults(args)
+        return args.flavor
+    if args.command == "check" and "asan" in args.flavor:
+        return "asan"
+    return "plain"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    processes.handle_termination()
     try:
+        args = parser().parse_args(argv)
+        from .native.sanitizer import ensure_process_for
+
+        ensure_process_for(_sanitizer_flavor(args))  # may re-exec: before anything is started
+        if args.command != "report":
+            processes.guard()  # nothing this command starts outlives it
         return args.fn(args)
     except KhoConformError as e:
         console.print(f"[bold red]kho-conform: error:[/] {e}", highlight=False)
         return 2
-    except KeyboardInterrupt:
-        console.print("kho-conform: interrupted; saved findings and corpus are kept")
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, processes.Terminated) else "interrupted"
+        console.print(f"kho-conform: {what}; saved findings and corpus are kept", highlight=False)
+        return processes.exit_code(e)
 
 
 if __name__ == "__main__":

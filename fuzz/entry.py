@@ -16,6 +16,10 @@ options from the environment:
 - ``KHO_FUZZ_CRASHES``: where findings are saved, minimized, fuzzing going
   on. Unset, a new divergence raises, i.e. is a libFuzzer crash (the
   ClusterFuzzLite/OSS-Fuzz convention);
+- ``KHO_FUZZ_STAGING``: where findings are written before they are renamed
+  into ``KHO_FUZZ_CRASHES`` (the runner's own directory, which it removes,
+  so a killed worker leaves nothing half-written; default: the crashes
+  directory);
 - ``KHO_FUZZ_MINIMIZE_RUNS`` (150): minimizer budget per finding;
 - ``KHO_FUZZ_ARGV0``: the command libFuzzer's fork/jobs modes re-run.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 if not __package__:  # run as a file: make the project importable
@@ -71,9 +76,12 @@ def _build_from_env() -> Build:
 
 
 class Fuzzer:
-    def __init__(self, target: Target, crashes: Path | None, minimize_runs: int) -> None:
+    def __init__(self, target: Target, crashes: Path | None, minimize_runs: int, staging: Path | None = None) -> None:
         self.target = target
         self.crashes = crashes
+        self.staging = staging
+        if crashes is not None:
+            crashes.mkdir(parents=True, exist_ok=True)
         self.minimize_runs = minimize_runs
         self.page_shift = target.build.page_shift
         self.seen: set[str] = set()  # signatures handled by this process
@@ -92,8 +100,11 @@ class Fuzzer:
             raise DivergenceFound(trace(c, self.target))
         if (self.crashes / signature).exists():  # saved by an earlier worker
             return
-        small = minimize(program, signature_predicate(self.target, signature), self.minimize_runs)
-        path = save_finding(self.crashes, small, c, self.target, data)
+        # A scratch directory from the start: a finding in progress shows on
+        # disk (minimizing: empty; saving: with the files being written).
+        with tempfile.TemporaryDirectory(prefix=f".{signature}.", dir=self.staging or self.crashes) as scratch:
+            small = minimize(program, signature_predicate(self.target, signature), self.minimize_runs)
+            path = save_finding(self.crashes, small, c, self.target, data, staging=Path(scratch))
         if path is not None:
             # beside libFuzzer's own lines, for whoever reads the log
             print(f"KHO-FINDING {signature} {path} ({len(small.steps)} ops)", file=sys.stderr, flush=True)
@@ -113,7 +124,9 @@ def main() -> None:
     argv = [os.environ.get("KHO_FUZZ_ARGV0") or sys.argv[0], *sys.argv[1:]]
     atheris.Setup(argv, test_one_input)
     # Loaded after Setup, so that libFuzzer registers the library's coverage counters.
-    fuzzer = Fuzzer(target_for(b), Path(crashes) if crashes else None, int(os.environ.get("KHO_FUZZ_MINIMIZE_RUNS", "150")))
+    staging = os.environ.get("KHO_FUZZ_STAGING")
+    fuzzer = Fuzzer(target_for(b), Path(crashes) if crashes else None, int(os.environ.get("KHO_FUZZ_MINIMIZE_RUNS", "150")),
+                    Path(staging) if staging else None)
     atheris.Fuzz()
 
 

@@ -9,9 +9,10 @@ A finding is one divergence signature: ``<crashes>/<signature>/`` holds
                     shift, flavor, creation time;
 - ``trace.txt``     ``trace()`` of the minimized program.
 
-Directories are written to a temporary name and renamed into place, so a
-killed fuzzer never leaves half a finding, and two processes racing on one
-signature keep exactly one.
+Directories are written under a temporary name (in a staging directory on
+the same file system, which the fuzz runner owns and removes) and renamed
+into place, so a killed fuzzer never leaves half a finding, and two processes
+racing on one signature keep exactly one.
 """
 
 from __future__ import annotations
@@ -27,15 +28,22 @@ from conformance.compare.diff import Comparison, compare
 from conformance.compare.target import Target
 from conformance.compare.trace import trace
 from conformance.compare.triage import triage
+from conformance.errors import KhoConformError
+from conformance.native.build import FLAVORS
 from reference.program import Program
 
 FINDING_FILES = ("program.txt", "original.txt", "finding.json", "trace.txt")
+# What replay needs of finding.json, with its type.
+FINDING_KEYS = {"signature": str, "kernel_version": str, "page_shift": int, "flavor": str, "profile": str, "source": dict}
+
+
 def save_finding(root: Path, program: Program, comparison: Comparison, target: Target,
-                 raw: bytes | None = None) -> Path | None:
+                 raw: bytes | None = None, staging: Path | None = None) -> Path | None:
     """Save ``program`` (the minimized reproducer of ``comparison``, which is
-    the run of the original input) under ``root/<signature>``. None when the
-    comparison is not a new failure or the signature is already saved."""
-    verdict = triage(comparison, target)
+    the run of the original input) under ``root/<signature>``, written in
+    ``staging`` (default ``root``) first. None when the comparison is not a
+    new failure or the signature is already saved."""
+    verdict = triage(comparison, target, attribute=False)
     if verdict.status != "fail":
         return None
     first = verdict.divergence
@@ -60,7 +68,7 @@ def save_finding(root: Path, program: Program, comparison: Comparison, target: T
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{first.signature}.", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{first.signature}.", dir=staging or dest.parent))
     try:
         (tmp / "program.txt").write_text(program.text())
         (tmp / "original.txt").write_text(comparison.program.text())
@@ -79,12 +87,38 @@ def save_finding(root: Path, program: Program, comparison: Comparison, target: T
 
 
 def load_finding(path: Path) -> dict:
-    """finding.json of a finding directory (or of the directory holding a file)."""
+    """finding.json of a finding directory (or of the directory holding a
+    file), checked for what replay needs; a one-line error naming the file
+    otherwise."""
     path = Path(path)
     directory = path if path.is_dir() else path.parent
-    data = json.loads((directory / "finding.json").read_text())
+    meta = directory / "finding.json"
+    fix = "restore it from where the finding came from (e.g. git checkout) or delete the directory"
+    if not meta.is_file():
+        raise KhoConformError(f"{directory} is not a finding directory (no finding.json); "
+                              "give corpus/crashes/<signature>/, a program text or a fuzzer input")
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise KhoConformError(f"{meta} is damaged ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise KhoConformError(f"{meta} is not a finding record (a JSON object); {fix}")
+    for key, kind in FINDING_KEYS.items():
+        if not isinstance(data.get(key), kind):
+            raise KhoConformError(f"{meta}: {key!r} is missing or not a {kind.__name__}; {fix}")
+    if data["flavor"] not in FLAVORS:
+        raise KhoConformError(f"{meta}: unknown flavor {data['flavor']!r} (not one of {', '.join(FLAVORS)}); {fix}")
+    if not (directory / "program.txt").is_file():
+        raise KhoConformError(f"{directory}: program.txt is missing, the finding is incomplete; {fix}")
     data["path"] = str(directory)
     return data
+
+
+def finding_of(path: Path) -> dict | None:
+    """The finding ``path`` is (a finding directory) or is in (one of its
+    files), checked as by ``load_finding``; None for anything else."""
+    path = Path(path)
+    return load_finding(path) if path.is_dir() or (path.parent / "finding.json").exists() else None
 
 
 def iter_findings(root: Path) -> Iterator[Path]:

@@ -4,6 +4,7 @@ and replaying any input (finding directory, program text, fuzzer bytes)."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -13,10 +14,13 @@ from conformance.compare.target import Target
 from conformance.compare.trace import trace
 from conformance.compare.triage import triage
 from conformance.errors import KhoConformError
+from conformance.source import KernelSource, fetch, from_tree, list_cached
+from conformance.source.identity import SHORT_DIGEST
+from reference.profiles import PROFILES
 from reference.program import Header, Program, ProgramError, Step, parse_program
 
 from .decode import decode
-from .findings import load_finding
+from .findings import finding_of
 
 Predicate = Callable[[Program], bool]
 
@@ -159,20 +163,72 @@ def load_input(path: Path, page_shift: int) -> tuple[Program, dict | None]:
     """The program of a finding directory (with its finding.json), a program
     text, or raw fuzzer bytes (``.bin``, decoded for ``page_shift``)."""
     path = Path(path)
-    finding = None
+    finding = finding_of(path)
     if path.is_dir():
-        finding = load_finding(path)
         path = path / "program.txt"
-    elif (path.parent / "finding.json").exists():
-        finding = load_finding(path.parent)
-    if path.suffix == ".bin":
-        return decode(path.read_bytes(), page_shift), finding
     try:
-        return parse_program(path.read_text()), finding
+        data = path.read_bytes()
+    except OSError as e:
+        raise KhoConformError(f"{path}: cannot read it ({e.strerror}); give a program text, a finding directory "
+                              "or a fuzzer input") from None
+    if path.suffix == ".bin":
+        return decode(data, page_shift), finding
+    try:
+        return parse_program(data.decode()), finding
     except UnicodeDecodeError:
-        return decode(path.read_bytes(), page_shift), finding
+        return decode(data, page_shift), finding
     except ProgramError as e:
         raise KhoConformError(f"{path}: {e}") from None
+
+
+def finding_source(finding: dict) -> KernelSource:
+    """The kernel source a finding was saved from: the same files (by
+    digest) in the tree it names or in the cache, else its version from the
+    mirror (``source_note`` then says whether the files differ)."""
+    saved = finding["source"]
+    digest, provider = _saved_digest(finding), str(saved.get("provider", ""))
+    if provider.startswith("tree:") and Path(provider[len("tree:"):]).is_dir():
+        tree = from_tree(Path(provider[len("tree:"):]))
+        if tree.digest() == digest:
+            return tree
+    for cached in list_cached():
+        if cached.digest() == digest:
+            return cached
+    if provider.startswith("debian:") and not _PATCHED.search(provider):
+        return fetch(finding["kernel_version"])
+    raise KhoConformError(
+        f"{finding['path']} was saved from {provider} (files {digest[:SHORT_DIGEST]}), which is not at hand; "
+        "pass the same --kernel-tree, --kernel-tarball or --patch to replay it"
+    )
+
+
+_PATCHED = re.compile(r"\+(patch|series):")
+
+
+def _saved_digest(finding: dict) -> str:
+    """The digest of the files a finding was saved from (older findings
+    record only the files' hashes)."""
+    saved = finding["source"]
+    return saved.get("digest") or KernelSource.from_identity(saved, Path()).digest()
+
+
+def source_note(finding: dict | None, target: Target) -> str:
+    """A warning when the source under test is not the one a finding was
+    saved from ("" when it is, or for a plain program)."""
+    if finding is None or (saved := _saved_digest(finding)) == (digest := target.build.source.digest()):
+        return ""
+    return (f"note: the finding was saved from {finding['source'].get('provider', '?')} (files {saved[:SHORT_DIGEST]}); "
+            f"this is {target.build.source.provider} (files {digest[:SHORT_DIGEST]}), so its outcome may differ")
+
+
+def as_saved(target: Target, finding: dict | None) -> Target:
+    """``target`` held to the model profile the finding was saved with."""
+    if finding is None or finding["profile"] == target.profile.name:
+        return target
+    if finding["profile"] not in PROFILES:
+        raise KhoConformError(f"{finding['path']}: model profile {finding['profile']!r} is not one of "
+                              f"{', '.join(PROFILES)}; this kho-conform is older than the finding")
+    return replace(target, profile=PROFILES[finding["profile"]])
 
 
 def _for_target(program: Program, target: Target, path: Path) -> Program:
@@ -185,9 +241,11 @@ def _for_target(program: Program, target: Target, path: Path) -> Program:
 
 def replay(path: Path, target: Target, as_json: bool = False) -> tuple[str, bool]:
     """Run an input on both implementations: (the trace or JSON, whether it
-    diverged). For a saved finding the output says whether the divergence
-    still has the recorded signature."""
+    diverged). A saved finding runs with the model profile it was saved
+    with, and the output says whether the divergence still has the recorded
+    signature (and whether the source differs from the saved one)."""
     program, finding = load_input(path, target.build.page_shift)
+    target = as_saved(target, finding)
     c = compare(_for_target(program, target, path), target)
     verdict = triage(c, target)
     signature = verdict.divergence.signature if verdict.divergence else None
@@ -195,12 +253,14 @@ def replay(path: Path, target: Target, as_json: bool = False) -> tuple[str, bool
     # A finding stays the divergence it was saved for, first or not (a quirk
     # added since may explain it, and a known bug may now come first).
     same = expected is not None and expected in {d.signature for d in c.divergences}
+    note = source_note(finding, target)
     if as_json:
         out = {
             "input": str(path), "kernel": target.build.identity(), "profile": target.profile.name, "ok": c.ok,
             "verdict": verdict.status, "known": [k.id for k in verdict.known], "signature": signature,
             "program": program.text(), "divergences": [d.to_json() for d in c.divergences],
             "recorded_signature": expected, "reproduced": same if finding else None,
+            "same_source": not note if finding else None,
             "model": [r.__dict__ for r in c.model.ops], "kernel_ops": [r.__dict__ for r in c.kernel.ops],
             "events": list(c.kernel.events),
         }
@@ -209,7 +269,7 @@ def replay(path: Path, target: Target, as_json: bool = False) -> tuple[str, bool
     text += f"\nverdict: {verdict.status}" + (f" ({', '.join(k.id for k in verdict.known)})" if verdict.known else "") + "\n"
     if finding:
         outcome = "reproduced" if same else ("diverges differently" if signature else "no longer diverges")
-        text += f"recorded signature {expected}: {outcome}\n"
+        text += (note + "\n" if note else "") + f"recorded signature {expected}: {outcome}\n"
     return text, not c.ok
 
 
@@ -218,7 +278,8 @@ def minimize_file(path: Path, target: Target, out: Path | None = None) -> Path:
     signature; write the program text to ``out`` (default: ``<name>.min.txt``
     beside it, ``program.min.txt`` in a finding)."""
     path = Path(path)
-    program, _ = load_input(path, target.build.page_shift)
+    program, finding = load_input(path, target.build.page_shift)
+    target = as_saved(target, finding)
     signature = signature_of(target, _for_target(program, target, path))
     if signature is None:
         raise KhoConformError(f"{path} does not diverge on {target.label}: nothing to minimize")

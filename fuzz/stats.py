@@ -26,6 +26,7 @@ class FuzzStats:
     coverage: int = 0
     features: int = 0
     corpus: int = 0
+    started_from: int = 0  # inputs in the corpus at the start: resumed ones, else the seeds
     findings: int = 0  # finding directories in the crashes dir
     seconds: float = 0.0
     new_findings: list[Path] = field(default_factory=list)

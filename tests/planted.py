@@ -1,5 +1,5 @@
-"""Planted bugs: a copy of a cached kernel with one line of the KHO file
-deleted, as a patch generated at run time in a temporary directory.
+"""Planted bugs: a cached kernel with one line of the KHO file deleted, made
+at test time in the test's own directory, as a patch or as a kernel tree.
 
 A line is named by its function and the hash of its text (the build's site
 table, ``conformance.native.build.line_hash``), so no kernel source text is
@@ -9,25 +9,43 @@ part of this repository.
 from __future__ import annotations
 
 import difflib
+import shutil
 from pathlib import Path
 
 from conformance.native.build import build
 from conformance.source import KernelSource, fetch, resolve
 from conformance.source.tree_files import KHO_C
 
+# kho_radix_del_page stops clearing the leaf bit: unpreserve leaves the page
+# preserved. Fuzzing finds it within seconds.
+UNPRESERVE_KEEPS_BIT = ("kho_radix_del_page", "02bb667dee9ae470")
 
-def planted_patch(directory: Path, series: str, function: str, line_hash: str) -> Path:
-    """A patch deleting the one line of ``function`` whose text has ``line_hash``."""
+
+def _planted(series: str, function: str, line_hash: str) -> tuple[Path, list[str], list[str]]:
+    """The source's root, its KHO file's lines, and the same without the line."""
     source = fetch(series)
-    sites = build(source, 12).sites
-    hits = [line for line, site in sites.items() if site == (function, line_hash)]
+    hits = [line for line, site in build(source, 12).sites.items() if site == (function, line_hash)]
     assert len(hits) == 1, f"{function}/{line_hash}: {len(hits)} lines in {source.version}"
     old = (source.root / KHO_C).read_text().splitlines(keepends=True)
-    new = old[: hits[0] - 1] + old[hits[0]:]
-    patch = Path(directory) / f"planted-{function}-{line_hash[:6]}.patch"
+    return source.root, old, old[: hits[0] - 1] + old[hits[0]:]
+
+
+def planted_patch(directory: Path, series: str = "7.2", site: tuple[str, str] = UNPRESERVE_KEEPS_BIT) -> Path:
+    """The planted bug as a patch to apply to ``series``."""
+    _, old, new = _planted(series, *site)
+    patch = Path(directory) / f"planted-{site[0]}-{site[1][:6]}.patch"
     patch.write_text("".join(difflib.unified_diff(old, new, f"a/{KHO_C}", f"b/{KHO_C}")))
     return patch
 
 
-def planted_source(directory: Path, series: str, function: str, line_hash: str) -> KernelSource:
-    return resolve(series, None, None, planted_patch(directory, series, function, line_hash))
+def planted_source(directory: Path, series: str, site: tuple[str, str]) -> KernelSource:
+    """``series`` with the bug planted, as the CLI's --patch would make it."""
+    return resolve(series, None, None, planted_patch(directory, series, site))
+
+
+def planted_tree(directory: Path, series: str = "7.2", site: tuple[str, str] = UNPRESERVE_KEEPS_BIT) -> Path:
+    """A kernel tree (the files the suite reads) of ``series`` with the bug planted."""
+    root, _, new = _planted(series, *site)
+    shutil.copytree(root, directory)
+    (Path(directory) / KHO_C).write_text("".join(new))
+    return Path(directory)

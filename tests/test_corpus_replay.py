@@ -1,5 +1,6 @@
-"""Every saved finding (corpus/crashes/<signature>/) is a regression test. On
-the kernel it names, with the flavor it was saved with:
+"""Every saved finding (corpus/crashes/<signature>/) is a regression test,
+replayed exactly as it was saved (source, page shift, flavor, model profile),
+in-process and through the CLI:
 
 - while the bug stands, the divergence it was saved for is still there, and
   triage either reports it as new or credits the known finding whose record
@@ -19,42 +20,66 @@ from pathlib import Path
 import pytest
 from conftest import REPO, child_env
 
+from conformance.compare.target import target_for
 from conformance.compare.triage import load_known
+from conformance.native.build import build
 from conformance.native.sanitizer import SANITIZER_ENV, sanitizer_preload
-from fuzz.findings import FINDING_FILES, iter_findings, load_finding, needs_sanitizer
+from fuzz.findings import FINDING_FILES, iter_findings, load_finding
+from fuzz.minimize import finding_source, replay
 
 CRASHES = REPO / "corpus" / "crashes"
 FINDINGS = list(iter_findings(CRASHES))
 OWNERS = {r: k for k in load_known() for r in k.reproducers}
 
-# Replays in a child: a sanitizer finding needs the ASan runtime preloaded,
-# and one process should not hold the libraries of several kernels.
-_CHILD = r"""
-import json, sys
-from conformance.compare.diff import compare
+# Replays a finding exactly as it was saved (source, page shift, flavor,
+# profile) and prints the JSON replay record; for the sanitizer flavors in a
+# process started with their runtime.
+_REPLAY = r"""
+import sys
+from pathlib import Path
 from conformance.compare.target import target_for
-from conformance.compare.triage import triage
 from conformance.native.build import build
-from conformance.source import fetch
-from reference.program import parse_program
-version, page_shift, flavor, program = sys.argv[1], int(sys.argv[2]), sys.argv[3], open(sys.argv[4]).read()
-target = target_for(build(fetch(version), page_shift, flavor))
-c = compare(parse_program(program), target)
-v = triage(c, target)
-print(json.dumps({"version": target.build.source.version, "signatures": [d.signature for d in c.divergences],
-                  "status": v.status, "known": [k.id for k in v.known]}))
+from fuzz.findings import load_finding
+from fuzz.minimize import finding_source, replay
+finding = load_finding(Path(sys.argv[1]))
+target = target_for(build(finding_source(finding), finding["page_shift"], finding["flavor"]))
+print(replay(Path(sys.argv[1]), target, as_json=True)[0])
 """
 
 
-def replay(finding: dict, path: Path) -> dict:
-    flavor = "asan" if needs_sanitizer(finding) else "plain"
-    env = child_env()
-    if flavor == "asan":
-        env.update(SANITIZER_ENV, LD_PRELOAD=sanitizer_preload("asan"))
-    proc = subprocess.run([sys.executable, "-c", _CHILD, finding["kernel_version"], str(finding["page_shift"]), flavor,
-                           str(path / "program.txt")], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+def replayed(path: Path) -> dict:
+    """The JSON record of replaying the finding at ``path`` as saved."""
+    finding = load_finding(path)
+    if finding["flavor"] == "plain":
+        target = target_for(build(finding_source(finding), finding["page_shift"]))
+        return json.loads(replay(path, target, as_json=True)[0])
+    env = {**child_env(), **SANITIZER_ENV, "LD_PRELOAD": sanitizer_preload(finding["flavor"])}
+    proc = subprocess.run([sys.executable, "-c", _REPLAY, str(path)], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)
+
+
+def check_replay(finding: dict, record: dict) -> None:
+    """Still showing the divergence it was saved for, with the verdict its
+    record gives; or passing where corpus/known/ marks the bug fixed. Always
+    on the saved flavor and profile."""
+    assert record["kernel"]["flavor"] == finding["flavor"] and record["profile"] == finding["profile"]
+    owner = OWNERS.get(finding["signature"])
+    signatures = {d["signature"] for d in record["divergences"]}
+    if owner is not None and not owner.affects(record["kernel"]["version"]):
+        assert finding["signature"] not in signatures, f"{owner.id} is marked fixed in {owner.fixed_in}, still diverges"
+        return
+    assert record["reproduced"], (record["signature"], json.dumps(finding["first"]))
+    if owner is None:
+        assert record["verdict"] == "fail", f"{finding['signature']} is no known finding's reproducer: {record['verdict']}"
+    else:
+        assert record["verdict"] == "known" and owner.id in record["known"], f"{owner.id} not confirmed by its cause"
+
+
+def test_every_reproducer_a_record_names_is_saved():
+    saved = {p.name for p in FINDINGS}
+    assert {r for k in load_known() for r in k.reproducers} <= saved
 
 
 def test_findings_directory_is_iterable(tmp_path):
@@ -70,22 +95,18 @@ def test_findings_directory_is_iterable(tmp_path):
     assert list(iter_findings(tmp_path)) == [done]
 
 
-def test_every_reproducer_a_record_names_is_saved():
-    saved = {p.name for p in FINDINGS}
-    assert {r for k in load_known() for r in k.reproducers} <= saved
-
-
 @pytest.mark.parametrize("path", FINDINGS, ids=[p.name for p in FINDINGS])
 def test_finding_replays(path):
     finding = load_finding(path)
     assert finding["signature"] == path.name
-    got = replay(finding, path)
-    owner = OWNERS.get(path.name)
-    if owner is not None and not owner.affects(got["version"]):
-        assert path.name not in got["signatures"], f"{owner.id} is marked fixed in {owner.fixed_in}, still diverges"
-        return
-    assert path.name in got["signatures"], json.dumps(finding["first"])
-    if owner is None:
-        assert got["status"] == "fail", f"{path.name} is no known finding's reproducer but triage says {got}"
-    else:
-        assert got["status"] == "known" and owner.id in got["known"], f"{owner.id} is not confirmed by its cause: {got}"
+    check_replay(finding, replayed(path))
+
+
+@pytest.mark.parametrize("path", FINDINGS, ids=[p.name for p in FINDINGS])
+def test_finding_replays_from_the_cli(path):
+    """``kho-conform replay DIR`` alone: it reads source, page shift, flavor
+    and profile from finding.json."""
+    proc = subprocess.run([sys.executable, "-m", "conformance.cli", "replay", "--json", str(path)], capture_output=True,
+                          text=True, cwd=REPO, env=child_env(), timeout=300)
+    assert proc.returncode in (0, 1) and not proc.stderr, proc.stderr[-2000:]
+    check_replay(load_finding(path), json.loads(proc.stdout))

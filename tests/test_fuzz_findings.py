@@ -76,7 +76,7 @@ def test_save_load_and_dedupe(tmp_path, target, diverging, unknown):
 
 
 def test_known_findings_are_not_saved(tmp_path, target, diverging, monkeypatch):
-    monkeypatch.setattr(findings, "triage", lambda cmp, version: triage.Verdict("known", cmp.first))
+    monkeypatch.setattr(findings, "triage", lambda cmp, target, attribute=True: triage.Verdict("known", cmp.first))
     assert save_finding(tmp_path, diverging.program, diverging, target) is None
     assert not list(tmp_path.iterdir())
 
@@ -134,6 +134,7 @@ def test_entry_callback_saves_once_and_never_raises(tmp_path, target, unknown, m
     fuzzer(b"x")
     fuzzer(b"y")  # same signature: handled once
     (saved,) = iter_findings(tmp_path)
+    assert list(tmp_path.iterdir()) == [saved]  # no scratch directory left
     assert (saved / "input.bin").read_bytes() == b"x"
     assert len(parse_program((saved / "program.txt").read_text()).steps) < len(program.steps)
     # without a crashes dir a new divergence is a libFuzzer crash (ClusterFuzzLite)

@@ -7,7 +7,6 @@ tmp_path: no kernel source text is part of this repository.
 
 from __future__ import annotations
 
-import difflib
 import json
 import subprocess
 import sys
@@ -15,16 +14,14 @@ import time
 from datetime import datetime
 
 from conftest import REPO, child_env, get_build
+from planted import planted_patch
 
 from conformance.compare.diff import compare
 from conformance.compare.target import target_for
-from conformance.source import fetch, resolve
+from conformance.source import resolve
 from fuzz.findings import load_finding
 from fuzz.runner import run_fuzz
 from reference.program import parse_program
-
-KHO_C = "kernel/liveupdate/kexec_handover.c"
-PLANTED = "__clear_bit(idx, leaf->bitmap);"  # in kho_radix_del_page: unpreserve stops clearing the bit
 
 # Replays each finding on the patched plain build in a fresh process (the test
 # process already has the unpatched 7.2 library loaded).
@@ -45,21 +42,10 @@ print(json.dumps(out))
 """
 
 
-def planted_patch(tmp_path):
-    source = fetch("7.2")
-    old = (source.root / KHO_C).read_text().splitlines(keepends=True)
-    hits = [i for i, line in enumerate(old) if line.strip() == PLANTED]
-    assert len(hits) == 1, f"{PLANTED} not found once in {source.version}"
-    new = old[: hits[0]] + old[hits[0] + 1 :]
-    patch = tmp_path / "planted.patch"
-    patch.write_text("".join(difflib.unified_diff(old, new, f"a/{KHO_C}", f"b/{KHO_C}")))
-    return patch
-
-
 def test_planted_bug_is_found_minimized_and_replayed(tmp_path):
     patch = planted_patch(tmp_path)
     patched = resolve("7.2", None, None, patch)
-    assert patched.provider.endswith("+patch:planted.patch")
+    assert patched.provider.endswith(f"+patch:{patch.name}")
     crashes = tmp_path / "crashes"
     start = time.time()
     stats = run_fuzz(patched, 12, corpus_dir=tmp_path / "corpus", jobs=1, seconds=60, crashes_dir=crashes, live=False)

@@ -19,6 +19,7 @@ STAGES = (
     ("reference", 0),
     ("conformance.errors", 0),
     ("conformance.corpus", 0),
+    ("conformance.processes", 0),
     ("conformance.source", 1),
     ("conformance.native", 2),
     ("conformance.compare", 3),

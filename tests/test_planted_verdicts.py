@@ -46,7 +46,7 @@ def statuses(source, page_shift: int, names: tuple[str, ...], flavor: str = "pla
 
 
 def test_error_path_bug_is_new_not_known(tmp_path):
-    planted = statuses(planted_source(tmp_path, "7.2", *ROLLBACK), 12, ("scenario.alloc-failure",))
+    planted = statuses(planted_source(tmp_path, "7.2", ROLLBACK), 12, ("scenario.alloc-failure",))
     clean = statuses(fetch("7.2"), 12, ("scenario.alloc-failure",))
     assert all(status != "fail" for status, _ in clean.values()), clean
     failed = {name for name, (status, _) in planted.items() if status == "fail"}
@@ -57,7 +57,7 @@ def test_error_path_bug_is_new_not_known(tmp_path):
 
 def test_fdt_edge_bug_is_found(tmp_path):
     for ps in (12, 14):
-        planted = statuses(planted_source(tmp_path, "7.2", *NODE_CLEANUP), ps, ("scenario.fdt-edge",))
+        planted = statuses(planted_source(tmp_path, "7.2", NODE_CLEANUP), ps, ("scenario.fdt-edge",))
         clean = statuses(fetch("7.2"), ps, ("scenario.fdt-edge",))
         assert planted == {"scenario.fdt-edge": ("fail", "")}, (ps, planted)
         assert clean["scenario.fdt-edge"][0] == "pass", (ps, clean)
@@ -72,7 +72,7 @@ from planted import planted_source
 from conformance.source import fetch
 directory = Path(sys.argv[1])
 names = ("scenario.subtrees", "scenario.alloc-failure-1", "scenario.empty-tree")
-print(json.dumps({"planted": statuses(planted_source(directory, "7.2", *SIZE_STORE), 12, names, "asan"),
+print(json.dumps({"planted": statuses(planted_source(directory, "7.2", SIZE_STORE), 12, names, "asan"),
                   "clean": statuses(fetch("7.2"), 12, names, "asan")}))
 """
 

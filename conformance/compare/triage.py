@@ -69,27 +69,31 @@ def _record(path: Path) -> KnownFinding:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise KhoConformError(f"{path}: not valid TOML ({e}); fix or remove the record") from None
+        raise KhoConformError(f"{path}: not valid TOML ({e}); fix or remove it") from None
     line = lambda key: next((n for n, s in enumerate(text.splitlines(), 1) if s.startswith(key)), 1)  # noqa: E731
     missing = [k for k in ("id", "title", "kind", "affected", "description", "why_model_is_right") if k not in data]
     if missing:
-        raise KhoConformError(f"{path}:1: the record lacks {', '.join(missing)}; see another record in {path.parent}")
+        raise KhoConformError(f"{path}:1: no key {', '.join(map(repr, missing))}; fix or remove it")
     if data["kind"] not in KINDS:
-        raise KhoConformError(f"{path}:{line('kind')}: kind {data['kind']!r} is not one of {', '.join(KINDS)}")
+        raise KhoConformError(f"{path}:{line('kind')}: kind {data['kind']!r} is not one of {', '.join(KINDS)}; fix or remove it")
     unknown = set(data.get("quirks", ())) - QUIRKS
     if unknown:
-        raise KhoConformError(f"{path}:{line('quirks')}: no model quirk {', '.join(sorted(unknown))}; "
-                              f"the model has {', '.join(sorted(QUIRKS))}")
+        raise KhoConformError(f"{path}:{line('quirks')}: no model quirk {', '.join(sorted(unknown))} "
+                              f"(the model has {', '.join(sorted(QUIRKS))}); fix or remove it")
     try:
         sites = tuple((s["kind"], s["function"], s["line"]) for s in data.get("sanitizer", ()))
     except (KeyError, TypeError):
-        raise KhoConformError(f"{path}:{line('[[sanitizer]]')}: a [[sanitizer]] entry needs kind, function and line") from None
-    return KnownFinding(
-        id=data["id"], title=data["title"], kind=data["kind"], affected=tuple(data["affected"]),
-        fixed_in=data.get("fixed_in", ""), quirks=tuple(data.get("quirks", ())), sites=sites,
-        reproducers=tuple(data.get("reproducers", ())), description=data["description"].strip(),
-        why_model_is_right=data["why_model_is_right"].strip(), path=path,
-    )
+        raise KhoConformError(f"{path}:{line('[[sanitizer]]')}: a [[sanitizer]] entry needs kind, function and line; "
+                              "fix or remove it") from None
+    try:
+        return KnownFinding(
+            id=str(data["id"]), title=str(data["title"]), kind=data["kind"], affected=tuple(map(str, data["affected"])),
+            fixed_in=str(data.get("fixed_in", "")), quirks=tuple(data.get("quirks", ())), sites=sites,
+            reproducers=tuple(map(str, data.get("reproducers", ()))), description=data["description"].strip(),
+            why_model_is_right=data["why_model_is_right"].strip(), path=path,
+        )
+    except (TypeError, AttributeError) as e:  # a list where a string belongs, or the other way round
+        raise KhoConformError(f"{path}: a value has the wrong type ({e}); fix or remove it") from None
 
 
 @lru_cache(maxsize=None)

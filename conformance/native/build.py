@@ -18,13 +18,13 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reference.geometry import PAGE_SHIFTS
 
+from .. import processes
 from ..errors import KhoConformError
 from ..source import KernelSource, cache_dir
 from ..source.tree_files import KHO_C
@@ -148,26 +148,56 @@ def _run(cmd: list[str], what: str) -> None:
         raise KhoConformError(f"compiling {what} failed: {lines[0][:300]}")
 
 
+def _cached(final: Path) -> dict | None:
+    """The metadata of a finished build in ``final``, None if there is none
+    (or it is unreadable: then it is built again)."""
+    try:
+        if (final / "libkho.so").is_file():
+            return json.loads((final / "build.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, force: bool = False) -> Build:
     """Build (or reuse) the library of the kernel's KHO code for one source, page shift and flavor."""
     if flavor not in FLAVORS:
         raise KhoConformError(f"unknown flavor '{flavor}': use one of {', '.join(FLAVORS)}")
     if page_shift not in PAGE_SHIFTS:
         raise KhoConformError(f"page shift {page_shift} is not modelled: use one of {PAGE_SHIFTS}")
-    cc = find_compiler(flavor)
     key = f"{source.digest()[:16]}-{_project_inputs_digest()}-ps{page_shift}-{flavor}"
-    work = cache_dir() / "builds" / key
-    library = work / "libkho.so"  # its final place
-    meta_path = work / "build.json"
-    if library.exists() and meta_path.exists() and not force:
-        return _from_meta(json.loads(meta_path.read_text()), library=library, source=source, page_shift=page_shift,
-                          flavor=flavor, cached=True)
+    final = cache_dir() / "builds" / key
+    library = final / "libkho.so"
+    if not force and (meta := _cached(final)) is not None:
+        # Before looking for a compiler: a cached library loads without one.
+        return _from_meta(meta, library=library, source=source, page_shift=page_shift, flavor=flavor, cached=True)
+    cc = find_compiler(flavor)
     start = time.monotonic()
-    final = work
     # Build aside and rename into place: parallel test workers and an
-    # interrupted build never leave a half-built library in the cache.
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=final.parent))
+    # interrupted build never leave a half-built library in the cache; a
+    # failed or killed build leaves nothing (processes.temp_dir).
+    with processes.temp_dir(final.parent, prefix=f".{key}.") as work:
+        try:
+            meta = _compile(source, page_shift, flavor, cc, work)
+        except KhoConformError as e:  # work is removed: name files by their path in the tree
+            raise KhoConformError(str(e).replace(f"{work / 'stage'}/", "").replace(f"{work}/", "")) from None
+        meta["seconds"] = round(time.monotonic() - start, 2)
+        (work / "build.json").write_text(json.dumps(meta, indent=1))
+        try:
+            if final.exists() and (force or _cached(final) is None):
+                shutil.rmtree(final)
+            os.rename(work, final)
+        except OSError:  # another process finished the same build first: use theirs
+            pass
+    # Builds of this source from older project inputs will not be used again.
+    for stale in final.parent.glob(f"{source.digest()[:16]}-*-ps{page_shift}-{flavor}"):
+        if stale != final and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    return _from_meta(json.loads(json.dumps(meta)), library=library, source=source, page_shift=page_shift, flavor=flavor)
+
+
+def _compile(source: KernelSource, page_shift: int, flavor: str, cc: str, work: Path) -> dict:
+    """Extract and compile into ``work``; the build's metadata."""
     ex: Extraction = extract(source.root, work, page_shift, cc)
     staged = work / "stage"
     gen = generated_dir(staged)
@@ -196,27 +226,15 @@ def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, 
     strict_link = ["-Wl,--no-undefined"] if flavor == "plain" else _flags(flavor)
     link = [cc, "-shared", *strict_link, "-o", str(work / "libkho.so"), *map(str, objs), "-ldl", "-lc"]
     _run(link, "the library")
-    meta = {
+    return {
         "compiler": cc, "api": ex.api, "compatible": ex.compatible, "doc_compatible": ex.doc_compatible,
         "unit_bytes": len(ex.unit.encode()), "kept": ex.kept, "dropped": ex.dropped,
         "sites": _sites(source.root / KHO_C, ex.kept),
-        "seconds": round(time.monotonic() - start, 2),
     }
-    (work / "build.json").write_text(json.dumps(meta, indent=1))
-    try:
-        if force and final.exists():
-            shutil.rmtree(final)
-        os.rename(work, final)
-    except OSError:  # another process finished the same build first: use theirs
-        shutil.rmtree(work, ignore_errors=True)
-    # Builds of this source from older project inputs will not be used again.
-    for stale in final.parent.glob(f"{source.digest()[:16]}-*-ps{page_shift}-{flavor}"):
-        if stale != final and stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-    return _from_meta(json.loads(json.dumps(meta)), library=library, source=source, page_shift=page_shift, flavor=flavor)
 
 
 def _from_meta(meta: dict, **fields) -> Build:
     """A Build from build.json (JSON turns the site table's keys into strings)."""
+    meta = dict(meta)
     sites = {int(line): tuple(site) for line, site in meta.pop("sites", {}).items()}
     return Build(**fields, **meta, sites=sites)

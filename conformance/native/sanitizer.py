@@ -45,7 +45,8 @@ def ensure_process_for(flavor: str) -> None:
     if lib is None or lib in os.environ.get("LD_PRELOAD", ""):
         return
     env = dict(os.environ, LD_PRELOAD=lib, **SANITIZER_ENV)
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    # orig_argv: the command line as given, so that ``python -m ...`` re-runs as a module
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -12,6 +12,7 @@ from typing import Any
 
 from fuzz.stats import FuzzPoint
 
+from ..errors import KhoConformError
 from ..source.identity import short_digest
 
 STATUSES = ("pass", "fail", "known", "error", "skipped")
@@ -74,12 +75,42 @@ class Report:
 
 
 def load_report(path: Path) -> Report:
-    """Rebuild a Report from a report.json written by :func:`write_report`."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    cells = [Cell(c["kernel"], c["page_shift"], c["flavor"], c.get("source", {}),
-                  [CheckResult(**k) for k in c.get("checks", [])], [FuzzPoint(**p) for p in c.get("fuzz_timeline", [])],
-                  c.get("build_seconds", 0.0)) for c in data["cells"]]
-    return Report(data["title"], data["created"], data["tool_version"], cells, list(data.get("notes", [])))
+    """Rebuild a Report from a report.json written by ``write_report``; a
+    one-line error naming the file and what is wrong with it otherwise."""
+    path = Path(path)
+    fix = "give a report.json that kho-conform check wrote (check --out DIR writes a new one)"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KhoConformError(f"{path}: no such file; {fix}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise KhoConformError(f"{path}: not readable as a report ({e}); {fix}") from None
+    where = "the top level"
+    try:
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        cells = []
+        for i, c in enumerate(_required(data, "cells", list)):
+            where = f"cells[{i}]"
+            if not isinstance(c, dict):
+                raise TypeError("not a JSON object")
+            checks = [CheckResult(**k) for k in c.get("checks", [])]
+            timeline = [FuzzPoint(**p) for p in c.get("fuzz_timeline", [])]
+            cells.append(Cell(_required(c, "kernel", str), _required(c, "page_shift", int), _required(c, "flavor", str),
+                              c.get("source", {}), checks, timeline, c.get("build_seconds", 0.0)))
+        where = "the top level"
+        return Report(_required(data, "title", str), _required(data, "created", str), _required(data, "tool_version", str),
+                      cells, list(data.get("notes", [])))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise KhoConformError(f"{path}: not a kho-conform report ({where}: {e}); {fix}") from None
+
+
+def _required(data: dict, key: str, kind: type) -> Any:
+    if key not in data:
+        raise ValueError(f"{key!r} is missing")
+    if not isinstance(data[key], kind):
+        raise TypeError(f"{key!r} is not a {kind.__name__}")
+    return data[key]
 
 
 def exit_status(report: Report) -> int:
