@@ -117,12 +117,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         sources = [resolve(k, None, None, args.patch) for k in (args.kernel or [DEFAULT_KERNEL])]
     plan = Plan(sources=sources, page_shifts=tuple(args.page_shift), flavors=tuple(args.flavor), examples=args.examples,
-                fuzz_seconds=args.fuzz_time, crashes_dir=args.crashes, work_dir=args.out / "fuzz",
+                fuzz_seconds=args.fuzz_time, crashes_dir=args.crashes, work_dir=args.out / "fuzz", coverage=args.coverage,
                 reproduce_flags=" ".join(f"--kernel {s.version}" for s in sources[:1]) if not (args.kernel_tree or args.kernel_tarball) else _reproduce_flags(args))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("check", total=None)
         report = run_check(plan, args.out, progress=lambda s: bar.update(task, description=s))
     paths = write_report(report, args.out)
+    if args.email:
+        from .report import render_email
+
+        args.email.write_text(render_email(report), encoding="utf-8")
+        paths["email"] = args.email
     out.print(summary_table(report))
     for kind, path in paths.items():
         out.print(f"{kind:9} {path}")
@@ -132,12 +137,28 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_fuzz(args: argparse.Namespace) -> int:
     from fuzz.runner import run_fuzz
 
-    stats = run_fuzz(source=_source(args), page_shift=args.page_shift, corpus_dir=args.corpus, jobs=args.jobs,
+    source = _source(args)
+    stats = run_fuzz(source=source, page_shift=args.page_shift, corpus_dir=args.corpus, jobs=args.jobs,
                      seconds=args.time, crashes_dir=args.crashes, live=True)
     out.print(f"{stats.execs} execs, {stats.exec_per_s:.0f} exec/s, coverage {stats.coverage}, corpus {stats.corpus}, "
               f"{len(stats.new_findings)} new findings")
     for path in stats.new_findings:
         out.print(f"  kho-conform replay {path}")
+    if args.coverage:
+        from datetime import datetime, timezone
+
+        from .check import measure_coverage, tool_version
+        from .report import Report, write_report
+
+        with console.status(f"coverage of the corpus on {source.version} ps{args.page_shift}"):
+            cov = measure_coverage(source, (args.page_shift,), args.out / "coverage", scenarios=False,
+                                   corpora={args.page_shift: [args.corpus]})
+        report = Report(title=f"KHO fuzz corpus coverage ({args.corpus})", tool_version=tool_version(), cells=[],
+                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), coverage=[cov])
+        t = cov.file.totals
+        out.print(f"coverage of {cov.file.file}: {t['covered']}/{t['lines']} lines, {t['branches_taken']}/{t['branches']} "
+                  f"branch outcomes; changed lines executed {t['changed_covered']}/{t['changed_executable']}")
+        out.print(f"html      {write_report(report, args.out)['html']}")
     return 0
 
 
@@ -184,9 +205,15 @@ def cmd_minimize(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import exit_status, load_report, summary_table, write_report
+    from .report import exit_status, load_report, render_email, summary_table, write_report
 
-    report = load_report(args.source)
+    try:
+        report = load_report(args.source)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KhoConformError(f"{args.source}: not a report.json of kho-conform ({e}); pass the report.json check wrote") from None
+    if args.format == "email":
+        out.print(render_email(report), markup=False, highlight=False, end="")
+        return exit_status(report)
     for kind, path in write_report(report, args.out).items():
         out.print(f"{kind:9} {path}")
     out.print(summary_table(report))
@@ -211,7 +238,7 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="build the kernel's KHO code as a userspace library; print its path and source identity")
     _kernel_args(b)
-    b.add_argument("--flavor", choices=("plain", "asan", "fuzz"), default="plain")
+    b.add_argument("--flavor", choices=("plain", "asan", "fuzz", "coverage"), default="plain")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.set_defaults(fn=cmd_build)
 
@@ -226,6 +253,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--fuzz-time", type=int, default=20, metavar="SECONDS", help="fuzzing per kernel and page shift (default %(default)s; 0: none)")
     c.add_argument("--crashes", type=Path, default=Path("corpus/crashes"), help="where new findings are saved")
     c.add_argument("--out", type=Path, default=Path("reports"))
+    c.add_argument("--coverage", action="store_true",
+                   help="also measure the kernel file's line/branch coverage (scenarios, state machine, fuzz corpus), "
+                        "with the patch's lines marked")
+    c.add_argument("--email", type=Path, metavar="FILE", help="also write the report as plain text to mail (72 columns)")
     c.set_defaults(fn=cmd_check)
 
     f = sub.add_parser("fuzz", help="fuzz continuously with libFuzzer's fork mode; resumable corpus; live stats")
@@ -233,6 +264,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--jobs", type=int, default=1)
     f.add_argument("--time", type=int, default=60, metavar="SECONDS")
     f.add_argument("--crashes", type=Path, default=Path("corpus/crashes"))
+    f.add_argument("--coverage", action="store_true",
+                   help="afterwards, measure the kernel file's coverage by the corpus; report in --out")
+    f.add_argument("--out", type=Path, default=Path("reports"), help="where --coverage writes its report")
     f.add_argument("corpus", type=Path, metavar="CORPUS_DIR")
     f.set_defaults(fn=cmd_fuzz)
 
@@ -251,6 +285,8 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="re-render a report from its report.json")
     rep.add_argument("source", type=Path, metavar="REPORT_JSON")
     rep.add_argument("--out", type=Path, default=Path("reports"))
+    rep.add_argument("--format", choices=("all", "email"), default="all",
+                     help="all: write every format into --out; email: print plain text to mail (72 columns)")
     rep.set_defaults(fn=cmd_report)
 
     be = sub.add_parser("bench", help="executions per second and memory of the native kernel, the model and the differential run")

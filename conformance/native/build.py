@@ -8,7 +8,10 @@ Flavors:
   the runtime and reported as findings, ASan reports arrive through its
   report callback with halt_on_error=0;
 - ``fuzz``: ``asan`` plus ``-fsanitize=fuzzer-no-link`` so atheris sees the
-  kernel code's coverage (loaded under atheris's asan_with_fuzzer.so).
+  kernel code's coverage (loaded under atheris's asan_with_fuzzer.so);
+- ``coverage``: clang's source-based coverage (``-fprofile-instr-generate
+  -fcoverage-mapping``, the profile runtime linked into the library), read
+  back with llvm-profdata/llvm-cov (``coverage.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from ..source.tree_files import KHO_C
 from .contract import c_header
 from .extract import C_DIR, RUNTIME_DIR, Extraction, extract, generated_dir, include_flags
 
-FLAVORS = ("plain", "asan", "fuzz")
+FLAVORS = ("plain", "asan", "fuzz", "coverage")
+SANITIZED_FLAVORS = ("asan", "fuzz")  # loaded only into a process started with their runtime
 DRIVER_DIR = C_DIR / "driver"
 LIBFDT_SOURCES = ("fdt.c", "fdt_ro.c", "fdt_rw.c", "fdt_sw.c", "fdt_wip.c", "fdt_strerror.c")
 CLANG_CANDIDATES = ("clang-16", "clang")
@@ -39,6 +43,7 @@ CLANG_CANDIDATES = ("clang-16", "clang")
 STRICT = ["-Werror=implicit-function-declaration", "-Werror=int-conversion", "-Werror=incompatible-pointer-types"]
 SANITIZE = ["-fsanitize=address,undefined", "-fsanitize-trap=undefined", "-fsanitize-recover=address", "-fno-inline",
             "-fno-omit-frame-pointer"]
+COVERAGE = ["-fprofile-instr-generate", "-fcoverage-mapping"]
 
 
 @dataclass
@@ -116,6 +121,8 @@ def _flags(flavor: str) -> list[str]:
     common = ["-std=gnu11", "-fPIC", "-g", "-fno-strict-aliasing", "-fno-common"]
     if flavor == "plain":
         return [*common, "-O1"]
+    if flavor == "coverage":
+        return [*common, "-O1", *COVERAGE]
     extra = ["-fsanitize=fuzzer-no-link"] if flavor == "fuzz" else []
     return [*common, "-O1", *SANITIZE, *extra]
 
@@ -125,6 +132,34 @@ def _run(cmd: list[str], what: str) -> None:
     if proc.returncode:
         lines = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.splitlines() or ["?"]
         raise KhoConformError(f"compiling {what} failed: {lines[0][:300]}")
+
+
+def compile_objects(source: KernelSource, page_shift: int, flavor: str, cc: str, work: Path, *,
+                    unit_tail: str = "", include_dirs: tuple[Path, ...] = ()) -> tuple[Extraction, list[Path]]:
+    """Extract the kernel unit into ``work`` (with ``unit_tail`` appended,
+    found through ``include_dirs``) and compile it, the runtime and the
+    tree's libfdt there: the objects every library or program of the kernel
+    code links."""
+    ex: Extraction = extract(source.root, work, page_shift, cc)
+    staged = work / "stage"
+    gen = generated_dir(staged)
+    # The unit replaces the staged copy, so debug info, sanitizer reports and
+    # coverage name kernel/liveupdate/kexec_handover.c with the kernel's line numbers.
+    unit = staged / KHO_C
+    unit.write_text(ex.unit + unit_tail)
+    flags = [*_flags(flavor), f"-DKC_PAGE_SHIFT={page_shift}"]
+    extra = [f"-I{d}" for d in include_dirs]
+    objs = [work / "kho.o", work / "runtime.o"]
+    _run([cc, *flags, *STRICT, *include_flags(staged), f"-I{DRIVER_DIR}", *extra, "-c", str(unit), "-o", str(objs[0])],
+         f"{KHO_C} against the shims")
+    _run([cc, *flags, *STRICT, f"-I{RUNTIME_DIR}", f"-I{gen}", "-c", str(RUNTIME_DIR / "kc_runtime.c"), "-o", str(objs[1])],
+         "the runtime")
+    libfdt = source.root / "scripts/dtc/libfdt"
+    for name in LIBFDT_SOURCES:
+        obj = work / f"{name}.o"
+        _run([cc, *flags, f"-I{libfdt}", "-w", "-c", str(libfdt / name), "-o", str(obj)], f"libfdt {name}")
+        objs.append(obj)
+    return ex, objs
 
 
 def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, force: bool = False) -> Build:
@@ -147,27 +182,7 @@ def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, 
     # interrupted build never leave a half-built library in the cache.
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=final.parent))
-    ex: Extraction = extract(source.root, work, page_shift, cc)
-    staged = work / "stage"
-    gen = generated_dir(staged)
-    # The unit replaces the staged copy, so debug info and sanitizer reports
-    # name kernel/liveupdate/kexec_handover.c with the kernel's line numbers.
-    unit = staged / KHO_C
-    unit.write_text(ex.unit)
-    flags = [*_flags(flavor), f"-DKC_PAGE_SHIFT={page_shift}"]
-    objs = []
-    obj = work / "kho.o"
-    _run([cc, *flags, *STRICT, *include_flags(staged), f"-I{DRIVER_DIR}", "-c", str(unit), "-o", str(obj)],
-         f"{KHO_C} against the shims")
-    objs.append(obj)
-    obj = work / "runtime.o"
-    _run([cc, *flags, *STRICT, f"-I{RUNTIME_DIR}", f"-I{gen}", "-c", str(RUNTIME_DIR / "kc_runtime.c"), "-o", str(obj)], "the runtime")
-    objs.append(obj)
-    libfdt = source.root / "scripts/dtc/libfdt"
-    for name in LIBFDT_SOURCES:
-        obj = work / f"{name}.o"
-        _run([cc, *flags, f"-I{libfdt}", "-w", "-c", str(libfdt / name), "-o", str(obj)], f"libfdt {name}")
-        objs.append(obj)
+    ex, objs = compile_objects(source, page_shift, flavor, cc, work)
     # Sanitizer runtimes come from the preloaded library, so only the plain
     # flavor can insist that every symbol resolves at link time.
     strict_link = ["-Wl,--no-undefined"] if flavor == "plain" else _flags(flavor)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,17 @@ class KernelSource:
                        line_ranges(identity.get("changed_lines", {})))
         except (KeyError, TypeError) as e:
             raise KhoConformError(f"a source identity lacks {e}; it was not written by kho-conform") from None
+
+
+def ranges_of(lines: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """Line numbers as ascending ``(first, last)`` runs: 1 2 3 7 -> (1, 3) (7, 7)."""
+    out: list[tuple[int, int]] = []
+    for n in sorted(set(lines)):
+        if out and out[-1][1] == n - 1:
+            out[-1] = (out[-1][0], n)
+        else:
+            out.append((n, n))
+    return tuple(out)
 
 
 def line_ranges(data: dict) -> dict[str, tuple[tuple[int, int], ...]]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import KhoConformError
 from .cache import cached_entry, install_entry
-from .identity import KernelSource
+from .identity import KernelSource, ranges_of
 from .tree_files import NEEDED_PATHS, check_essentials, is_needed
 
 _log = logging.getLogger(__name__)
@@ -161,14 +161,7 @@ def changed_lines(base: Path, patched: Path) -> tuple[tuple[int, int], ...]:
         start, count = int(m[1]), int(m[2] if m[2] is not None else 1)
         lines.update(range(start, start + count) if count else (start, start + 1))
     total = len(patched.read_bytes().splitlines())
-    ordered = sorted(n for n in lines if 1 <= n <= total)
-    ranges: list[tuple[int, int]] = []
-    for n in ordered:
-        if ranges and ranges[-1][1] == n - 1:
-            ranges[-1] = (ranges[-1][0], n)
-        else:
-            ranges.append((n, n))
-    return tuple(ranges)
+    return ranges_of(n for n in lines if 1 <= n <= total)
 
 
 def apply_series(source: KernelSource, patches: list[Patch], label: str) -> KernelSource:
