@@ -220,6 +220,37 @@ def cmd_report(args: argparse.Namespace) -> int:
     return exit_status(report)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .check import tool_version
+    from .export import export_kunit, finding_source
+    from .native.kunit import run_kunit
+
+    if not (args.finding / "finding.json").is_file():
+        raise KhoConformError(f"{args.finding}: not a saved finding; pass a corpus/crashes/<signature>/ directory")
+    exported = export_kunit(args.finding, tool_version())
+    if args.page_shift not in (None, exported.page_shift):
+        raise KhoConformError(f"the finding is a page shift {exported.page_shift} program; drop --page-shift {args.page_shift}")
+    path = args.out or Path(f"{exported.name}.c")
+    path.write_text(exported.text)
+    out.print(f"kunit     {path}")
+    if args.no_run:
+        return 0
+    own = not (args.kernel or args.kernel_tree or args.kernel_tarball or args.patch)
+    source = finding_source(args.finding) if own else _source(args)
+    with console.status(f"building and running {path.name} on {source.version}"):
+        result = run_kunit(source, exported.page_shift, path)
+    out.print(result.output.rstrip(), markup=False, highlight=False)
+    where = f"{source.version} ({source.provider})"
+    if own:
+        if not result.failed:
+            raise KhoConformError(f"the exported test does not fail on the finding's own kernel {where}: the divergence is "
+                                  "not visible through the exported API; the file is kept for reference")
+        out.print(f"fails on {where}, as the finding does: it reproduces it")
+        return 0
+    out.print(f"{'passes' if result.passed else 'fails'} on {where}")
+    return 0 if result.passed else 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -288,6 +319,15 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", choices=("all", "email"), default="all",
                      help="all: write every format into --out; email: print plain text to mail (72 columns)")
     rep.set_defaults(fn=cmd_report)
+
+    ex = sub.add_parser("export", help="turn a saved finding into a test the kernel keeps (KUnit)")
+    ex.add_argument("kind", choices=("kunit",))
+    ex.add_argument("finding", type=Path, metavar="FINDING", help="a saved finding: corpus/crashes/<signature>/")
+    ex.add_argument("--out", "-o", type=Path, metavar="FILE", help="where to write the test (default: ./kho_conform_<signature>.c)")
+    ex.add_argument("--no-run", action="store_true", help="only write the file (default: build it into the kernel's KHO code "
+                                                            "here and run it: on the finding's kernel, or the one given)")
+    _kernel_args(ex, page_shift_default=None)
+    ex.set_defaults(fn=cmd_export)
 
     be = sub.add_parser("bench", help="executions per second and memory of the native kernel, the model and the differential run")
     _kernel_args(be)

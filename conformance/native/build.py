@@ -127,7 +127,7 @@ def _flags(flavor: str) -> list[str]:
     return [*common, "-O1", *SANITIZE, *extra]
 
 
-def _run(cmd: list[str], what: str) -> None:
+def run_compiler(cmd: list[str], what: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         lines = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.splitlines() or ["?"]
@@ -150,14 +150,14 @@ def compile_objects(source: KernelSource, page_shift: int, flavor: str, cc: str,
     flags = [*_flags(flavor), f"-DKC_PAGE_SHIFT={page_shift}"]
     extra = [f"-I{d}" for d in include_dirs]
     objs = [work / "kho.o", work / "runtime.o"]
-    _run([cc, *flags, *STRICT, *include_flags(staged), f"-I{DRIVER_DIR}", *extra, "-c", str(unit), "-o", str(objs[0])],
+    run_compiler([cc, *flags, *STRICT, *include_flags(staged), f"-I{DRIVER_DIR}", *extra, "-c", str(unit), "-o", str(objs[0])],
          f"{KHO_C} against the shims")
-    _run([cc, *flags, *STRICT, f"-I{RUNTIME_DIR}", f"-I{gen}", "-c", str(RUNTIME_DIR / "kc_runtime.c"), "-o", str(objs[1])],
+    run_compiler([cc, *flags, *STRICT, f"-I{RUNTIME_DIR}", f"-I{gen}", "-c", str(RUNTIME_DIR / "kc_runtime.c"), "-o", str(objs[1])],
          "the runtime")
     libfdt = source.root / "scripts/dtc/libfdt"
     for name in LIBFDT_SOURCES:
         obj = work / f"{name}.o"
-        _run([cc, *flags, f"-I{libfdt}", "-w", "-c", str(libfdt / name), "-o", str(obj)], f"libfdt {name}")
+        run_compiler([cc, *flags, f"-I{libfdt}", "-w", "-c", str(libfdt / name), "-o", str(obj)], f"libfdt {name}")
         objs.append(obj)
     return ex, objs
 
@@ -187,7 +187,7 @@ def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, 
     # flavor can insist that every symbol resolves at link time.
     strict_link = ["-Wl,--no-undefined"] if flavor == "plain" else _flags(flavor)
     link = [cc, "-shared", *strict_link, "-o", str(work / "libkho.so"), *map(str, objs), "-ldl", "-lc"]
-    _run(link, "the library")
+    run_compiler(link, "the library")
     meta = {
         "compiler": cc, "api": ex.api, "compatible": ex.compatible, "doc_compatible": ex.doc_compatible,
         "unit_bytes": len(ex.unit.encode()), "kept": ex.kept, "dropped": ex.dropped,
