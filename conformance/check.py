@@ -279,9 +279,10 @@ COVERAGE_TIMEOUT = 3600
 def coverage_child() -> None:
     """Run the programs a spec (JSON on stdin) names on a coverage build:
     the scenarios, ``examples`` state machine examples (seed 0, as ``check``
-    runs them) and the inputs of fuzz corpus directories. Prints the counts."""
+    runs them), program texts and the inputs of fuzz corpus directories.
+    Prints the counts."""
     from fuzz.decode import decode
-    from reference.program import ProgramError
+    from reference.program import ProgramError, parse_program
 
     from .programs.machine import run_stateful
     from .programs.scenarios import scenarios
@@ -290,7 +291,10 @@ def coverage_child() -> None:
     source = KernelSource.from_identity(spec["source"], Path(spec["root"]))
     ps = spec["page_shift"]
     target = target_for(build(source, ps, "coverage"))
-    runs = {"scenarios": 0, "stateful": 0, "corpus": 0}
+    runs = {"scenarios": 0, "stateful": 0, "programs": 0, "corpus": 0}
+    for path in spec["programs"]:
+        target.native.run(parse_program(Path(path).read_text()))
+        runs["programs"] += 1
     if spec["scenarios"]:
         for sc in scenarios(ps):
             target.native.run(sc.program)
@@ -309,9 +313,11 @@ def coverage_child() -> None:
 
 
 def measure_coverage(source: KernelSource, page_shifts: tuple[int, ...], work: Path, *, scenarios: bool = True,
-                     examples: int = 0, corpora: dict[int, list[Path]] | None = None) -> CoverageResult:
+                     examples: int = 0, programs: dict[int, list[Path]] | None = None,
+                     corpora: dict[int, list[Path]] | None = None) -> CoverageResult:
     """Coverage of the kernel file by the scenarios, ``examples`` state
-    machine examples and the corpora (per page shift), over ``page_shifts``."""
+    machine examples, program texts and fuzz corpora (per page shift), over
+    ``page_shifts``."""
     parts, runs = [], {}
     for ps in page_shifts:
         b = build(source, ps, "coverage")
@@ -319,7 +325,8 @@ def measure_coverage(source: KernelSource, page_shifts: tuple[int, ...], work: P
         shutil.rmtree(profiles, ignore_errors=True)
         profiles.mkdir(parents=True)
         spec = {"source": source.identity(), "root": str(source.root), "page_shift": ps, "scenarios": scenarios,
-                "examples": examples, "corpora": [str(p) for p in (corpora or {}).get(ps, [])]}
+                "examples": examples, "programs": [str(p) for p in (programs or {}).get(ps, [])],
+                "corpora": [str(p) for p in (corpora or {}).get(ps, [])]}
         env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | profile_env(profiles)
         try:
             proc = subprocess.run([sys.executable, "-c", _COVERAGE_CHILD], input=json.dumps(spec), env=env,

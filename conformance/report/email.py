@@ -62,8 +62,8 @@ def _subject(report: Report, verdict: str) -> str:
     sources = unique_sources(report)
     what = ", ".join(s.get("version", "?") + (f" + {_series_label(s)}" if s.get("patches") else "") for s in sources)
     what = what or "coverage only"
-    line = f"Subject: [kho-conform] {what}: {verdict}"
-    return line if len(line) <= WIDTH else line[: WIDTH - 1] + "…"
+    room = WIDTH - len(f"Subject: [kho-conform] : {verdict}")
+    return f"Subject: [kho-conform] {what if len(what) <= room else what[: room - 3] + '...'}: {verdict}"
 
 
 def _series_label(source: dict) -> str:
