@@ -126,6 +126,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.email:
         from .report import render_email
 
+        args.email.parent.mkdir(parents=True, exist_ok=True)
         args.email.write_text(render_email(report), encoding="utf-8")
         paths["email"] = args.email
     out.print(summary_table(report))
@@ -212,7 +213,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise KhoConformError(f"{args.source}: not a report.json of kho-conform ({e}); pass the report.json check wrote") from None
     if args.format == "email":
-        out.print(render_email(report), markup=False, highlight=False, end="")
+        sys.stdout.write(render_email(report))  # as is: no console markup, emoji or wrapping
         return exit_status(report)
     for kind, path in write_report(report, args.out).items():
         out.print(f"{kind:9} {path}")
@@ -239,7 +240,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     source = finding_source(args.finding) if own else _source(args)
     with console.status(f"building and running {path.name} on {source.version}"):
         result = run_kunit(source, exported.page_shift, path)
-    out.print(result.output.rstrip(), markup=False, highlight=False)
+    sys.stdout.write(result.output)
     where = f"{source.version} ({source.provider})"
     if own:
         if not result.failed:

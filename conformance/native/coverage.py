@@ -16,6 +16,7 @@ annotate it.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import re
 import shutil
@@ -97,8 +98,8 @@ def file_coverage(*, file: str, sha256: str, text_path: str, page_shifts: list[i
     bounds = [line for line, _ in starts]
     for line, n in sorted(lines.items()):
         # an executable line belongs to the function whose body starts last before it
-        i = next((k for k in range(len(bounds) - 1, -1, -1) if bounds[k] <= line), None)
-        if i is None:
+        i = bisect.bisect_right(bounds, line) - 1
+        if i < 0:
             continue
         f = table[starts[i][1]]
         f.lines += 1
@@ -209,6 +210,7 @@ def measure(b: Build, profiles: Path) -> FileCoverage:
     return file_coverage(
         file=KHO_C, sha256=hashlib.sha256(kernel_file.read_bytes()).hexdigest(), text_path=str(kernel_file),
         page_shifts=[b.page_shift], lines=lines, branches=branches, functions=functions,
+        # the unit as compiled: build() keeps it beside the library
         not_built=not_built_lines(kernel_file, b.library.parent / "stage" / KHO_C),
         changed=_expand(b.source.changed_lines.get(KHO_C, ())),
     )

@@ -238,7 +238,8 @@ def _annotated(i: int, r: CoverageResult) -> str:
         cls += " chg" if n in changed else ""
         b = branches.get(n)
         rows.append(f"<tr id='{_slug('cov', i, 'L', n)}' class='{cls.strip()}'><td class='m'>{'±' if n in changed else ''}</td>"
-                    f"<td class='n'>{n}</td><td class='c'>{counts[n] if n in counts else ''}</td>"
+                    f"<td class='n'>{n}</td><td class='c'{f' title={counts[n]}' if n in counts else ''}>"
+                    f"{_num(counts[n]) if n in counts else ''}</td>"
                     f"<td class='b'>{f'{sum(x > 0 for x in b)}/{len(b)}' if b else ''}</td>"
                     f"<td class='src'>{_e(text[n - 1]) if text and n <= len(text) else ''}</td></tr>")
     return head + "<table class='cov'>" + "".join(rows) + "</table></details>"
