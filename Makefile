@@ -7,7 +7,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 KERNELS ?= 7.1 7.2 7.3
-APT_PACKAGES := clang-16 libclang-rt-16-dev device-tree-compiler binutils git xz-utils
+# llvm-16: llvm-profdata-16/llvm-cov-16 for --coverage; chromium: the 1280 px layout test of the HTML report.
+APT_PACKAGES := clang-16 libclang-rt-16-dev llvm-16 device-tree-compiler binutils git xz-utils chromium
 
 .PHONY: setup check test bench fuzz kill-campaign clean
 
@@ -18,7 +19,8 @@ $(BIN)/kho-conform: pyproject.toml
 	touch $@
 
 .apt-stamp:
-	@if ! command -v clang-16 >/dev/null || ! dpkg -s libclang-rt-16-dev >/dev/null 2>&1 || ! command -v dtc >/dev/null || ! command -v git >/dev/null; then \
+	@if ! command -v clang-16 >/dev/null || ! dpkg -s libclang-rt-16-dev >/dev/null 2>&1 || ! command -v dtc >/dev/null || ! command -v git >/dev/null \
+		|| ! command -v llvm-cov-16 >/dev/null || ! command -v chromium >/dev/null; then \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(APT_PACKAGES); fi
 	touch $@
 

@@ -11,12 +11,24 @@ For each (kernel source x page shift x flavor) cell, named checks:
 - ``stateful``: a hypothesis state machine run;
 - ``fuzz``: a short atheris run on the fuzz flavor (one per kernel and
   page shift: the fuzz flavor already carries ASan and UBSan).
-Known kernel bugs (corpus/known/) are reported as known, not hidden.
+Known kernel bugs (corpus/known/) are reported as known, not hidden. A new
+failure is saved as a finding (minimized, ``corpus/crashes/<signature>/``),
+once per signature, so that it can be replayed, mailed and exported.
+
+With ``coverage``, the scenarios, the state machine (same seed and examples)
+and the fuzz corpus run again, per kernel and page shift, in a child process
+on the coverage build; the report gets the kernel file's line, branch and
+function coverage, with the lines the patch series changed marked.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,11 +40,13 @@ from fuzz.stats import FuzzPoint
 from reference.geometry import PAGE_SHIFTS, geometry
 from reference.keys import decode, encode
 
-from .compare.diff import Comparison, compare
+from .compare.diff import Comparison, Divergence, compare
 from .compare.target import Target, target_for
 from .compare.triage import by_id, triage
+from .errors import KhoConformError
 from .native.build import build
-from .report import Cell, CheckResult, Report
+from .native.coverage import measure, merge, profile_env
+from .report import Cell, CheckResult, CoverageResult, Report
 from .source import KernelSource
 
 
@@ -54,6 +68,39 @@ class Plan:
     crashes_dir: Path = Path("corpus/crashes")
     work_dir: Path = Path("reports/fuzz")
     reproduce_flags: str = ""  # how the user selected the kernel, for reproducer commands
+    coverage: bool = False  # measure the kernel file's coverage (coverage build flavor)
+
+
+class Findings:
+    """New failures of one check run, saved once per signature (minimized) under
+    ``crashes``: what a check reports as its program and reproducer."""
+
+    def __init__(self, crashes: Path) -> None:
+        self.crashes = crashes
+        self.saved: dict[str, Path] = {}
+
+    def save(self, cmp: Comparison, target: Target) -> tuple[str, str]:
+        """(minimized program text, replay command) of a failing comparison."""
+        from fuzz.findings import save_finding
+        from fuzz.minimize import minimize, signature_predicate
+
+        signature = triage(cmp, target, attribute=False).divergence.signature
+        if signature not in self.saved:
+            existing = self.crashes / signature
+            if not (existing / "program.txt").is_file():
+                small = minimize(cmp.program, signature_predicate(target, signature))
+                existing = save_finding(self.crashes, small, cmp, target) or existing
+            self.saved[signature] = existing
+        path = self.saved[signature]
+        return (path / "program.txt").read_text(), replay_command(path)
+
+
+def replay_command(finding: Path) -> str:
+    """How to replay a saved finding, its path as short as the working directory allows."""
+    finding = Path(finding)
+    if finding.is_absolute() and finding.is_relative_to(Path.cwd()):
+        finding = finding.relative_to(Path.cwd())
+    return f"kho-conform replay {shlex.quote(str(finding))}"
 
 
 def _timed(name: str, fn: Callable[[], CheckResult]) -> CheckResult:
@@ -122,23 +169,28 @@ def _doc_compatible(target: Target) -> CheckResult:
     return CheckResult("doc.compatible", "fail", detail=f"ABI doc shows {b.doc_compatible!r}, code writes {b.compatible!r}", divergence=div)
 
 
-def comparison_result(name: str, cmp: Comparison, target: Target, reproducer: str) -> CheckResult:
+def comparison_result(name: str, cmp: Comparison, target: Target, reproducer: str,
+                      findings: Findings | None = None) -> CheckResult:
     """A differential run as a check, by the triage policy: pass, known (every
-    divergence proven to be a known finding's) or fail (something new)."""
+    divergence proven to be a known finding's) or fail (something new). A new
+    failure is saved in ``findings``; its reproducer is then the saved finding's."""
     verdict = triage(cmp, target)
     if verdict.status == "pass":
         return CheckResult(name, "pass", detail=f"{len(cmp.program.steps)} ops agree")
     d = verdict.divergence
+    program = ""
     if verdict.status == "known":
         proof = f"; the model with quirk(s) {', '.join(sorted(verdict.quirks))} agrees" if verdict.quirks else ""
         detail = f"{verdict.known_ids}{proof}: {d.line()}"
     else:
         detail = d.line() + (f" (also known here: {verdict.known_ids})" if verdict.known else "")
+        if findings is not None:
+            program, reproducer = findings.save(cmp, target)
     return CheckResult(name, verdict.status, detail=detail[:300], divergence=d.to_json(),
-                       known_id=verdict.known_ids, reproducer=reproducer)
+                       known_id=verdict.known_ids, reproducer=reproducer, program=program)
 
 
-def _scenario_checks(target: Target, plan: Plan, out: Path) -> Iterator[CheckResult]:
+def _scenario_checks(target: Target, plan: Plan, out: Path, findings: Findings) -> Iterator[CheckResult]:
     from .programs.scenarios import scenarios
 
     ps = target.build.page_shift
@@ -148,33 +200,50 @@ def _scenario_checks(target: Target, plan: Plan, out: Path) -> Iterator[CheckRes
         path = programs / f"{sc.name}.txt"
         path.write_text(sc.program.text())
         repro = f"kho-conform replay {shlex.quote(str(path))} {plan.reproduce_flags} --page-shift {ps}".replace("  ", " ")
-        yield _timed(sc.name, lambda sc=sc, repro=repro: comparison_result(sc.name, compare(sc.program, target), target, repro))
+        yield _timed(sc.name, lambda sc=sc, repro=repro: comparison_result(sc.name, compare(sc.program, target), target, repro,
+                                                                           findings))
 
 
-def _stateful(target: Target, plan: Plan) -> CheckResult:
+def _stateful(target: Target, plan: Plan, findings: Findings) -> CheckResult:
     from .programs.machine import run_stateful
 
-    ok, detail = run_stateful(target, max_examples=plan.examples, seed=0)
-    return CheckResult("stateful", "pass" if ok else "fail", detail=detail[:300])
+    failed: list[CheckResult] = []
+
+    def on_failure(program, divergence) -> None:
+        failed.append(comparison_result("stateful", compare(program, target), target, "", findings))
+
+    ok, detail = run_stateful(target, max_examples=plan.examples, seed=0, on_failure=on_failure)
+    if ok:
+        return CheckResult("stateful", "pass", detail=detail[:300])
+    if failed and failed[0].status == "fail":
+        failed[0].detail = detail[:300]
+        return failed[0]
+    return CheckResult("stateful", "fail", detail=detail[:300])
 
 
-def _fuzz(source: KernelSource, ps: int, plan: Plan) -> tuple[CheckResult, list[FuzzPoint]]:
+def _fuzz(source: KernelSource, ps: int, plan: Plan) -> tuple[list[CheckResult], list[FuzzPoint]]:
+    """The fuzz run as a check, and each new finding it saved as a check of its own."""
+    from fuzz.findings import load_finding
     from fuzz.runner import run_fuzz
 
     corpus = plan.work_dir / f"{source.version}-ps{ps}"
     # Ctrl-C stops the whole check, not only this fuzz run
     stats = run_fuzz(source=source, page_shift=ps, corpus_dir=corpus, jobs=1, seconds=plan.fuzz_seconds,
                      crashes_dir=plan.crashes_dir, live=False, return_on_interrupt=False)
-    points = stats.timeline
     new = stats.new_findings
-    status = "fail" if new else "pass"
     detail = f"{stats.execs} execs, {stats.exec_per_s:.0f}/s, coverage {stats.coverage}, {len(new)} new findings"
-    repro = f"kho-conform replay {new[0]}" if new else ""
-    return CheckResult("fuzz", status, detail=detail, reproducer=repro), points
+    # The run is the check; what it found fails as checks of their own, one per finding.
+    results = [CheckResult("fuzz", "pass", detail=detail + (" (the fuzz.<signature> checks)" if new else ""))]
+    for path in new:
+        first = load_finding(path)["first"]
+        results.append(CheckResult(f"fuzz.{path.name}", "fail", detail=Divergence(**first).line()[:300], divergence=first,
+                                   reproducer=replay_command(path), program=(path / "program.txt").read_text()))
+    return results, stats.timeline
 
 
 def run_check(plan: Plan, out: Path, progress: Callable[[str], None] = lambda s: None) -> Report:
     cells = []
+    findings = Findings(plan.crashes_dir)
     for source in plan.sources:
         for ps in plan.page_shifts:
             for flavor in plan.flavors:
@@ -188,23 +257,103 @@ def run_check(plan: Plan, out: Path, progress: Callable[[str], None] = lambda s:
                     _timed("doc.compatible", lambda: _doc_compatible(target)),
                 ]
                 progress(f"{source.version} ps{ps} {flavor}: scenarios")
-                checks += list(_scenario_checks(target, plan, out))
+                checks += list(_scenario_checks(target, plan, out, findings))
                 progress(f"{source.version} ps{ps} {flavor}: stateful")
-                checks.append(_timed("stateful", lambda: _stateful(target, plan)))
+                checks.append(_timed("stateful", lambda: _stateful(target, plan, findings)))
                 timeline: list[FuzzPoint] = []
                 if plan.fuzz_seconds and flavor == plan.flavors[0]:
                     progress(f"{source.version} ps{ps}: fuzz {plan.fuzz_seconds}s")
                     fuzz_start = time.monotonic()
                     try:
-                        result, timeline = _fuzz(source, ps, plan)
+                        results, timeline = _fuzz(source, ps, plan)
                     except Exception as e:
-                        result = CheckResult("fuzz", "error", detail=f"{type(e).__name__}: {e}"[:300])
-                    result.seconds = round(time.monotonic() - fuzz_start, 1)
-                    checks.append(result)
+                        results = [CheckResult("fuzz", "error", detail=f"{type(e).__name__}: {e}"[:300])]
+                    results[0].seconds = round(time.monotonic() - fuzz_start, 1)
+                    checks += results
                 cells.append(Cell(source.version, ps, flavor, source.identity(), checks, timeline,
                                   build_seconds=round(time.monotonic() - start, 1)))
+    coverage = []
+    if plan.coverage:
+        for source in plan.sources:
+            progress(f"{source.version}: coverage")
+            corpora = {ps: [plan.work_dir / f"{source.version}-ps{ps}"] for ps in plan.page_shifts} if plan.fuzz_seconds else {}
+            coverage.append(measure_coverage(source, plan.page_shifts, out / "coverage", examples=plan.examples,
+                                             corpora=corpora))
     return Report(title="KHO radix tree conformance", created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  tool_version=tool_version(), cells=cells, notes=_notes(cells))
+                  tool_version=tool_version(), cells=cells, notes=_notes(cells), coverage=coverage)
+
+
+# A child process loads the coverage build (and nothing else), runs what the
+# spec on stdin names and exits: at exit the profile runtime writes its counts.
+_COVERAGE_CHILD = "from conformance.check import coverage_child; coverage_child()"
+COVERAGE_TIMEOUT = 3600
+
+
+def coverage_child() -> None:
+    """Run the programs a spec (JSON on stdin) names on a coverage build:
+    the scenarios, ``examples`` state machine examples (seed 0, as ``check``
+    runs them), program texts and the inputs of fuzz corpus directories.
+    Prints the counts."""
+    from fuzz.decode import decode
+    from reference.program import ProgramError, parse_program
+
+    from .programs.machine import run_stateful
+    from .programs.scenarios import scenarios
+
+    spec = json.load(sys.stdin)
+    source = KernelSource.from_identity(spec["source"], Path(spec["root"]))
+    ps = spec["page_shift"]
+    target = target_for(build(source, ps, "coverage"))
+    runs = {"scenarios": 0, "stateful": 0, "programs": 0, "corpus": 0}
+    for path in spec["programs"]:
+        target.native.run(parse_program(Path(path).read_text()))
+        runs["programs"] += 1
+    if spec["scenarios"]:
+        for sc in scenarios(ps):
+            target.native.run(sc.program)
+            runs["scenarios"] += 1
+    if spec["examples"]:
+        run_stateful(target, max_examples=spec["examples"], seed=0)
+        runs["stateful"] = spec["examples"]
+    for directory in map(Path, spec["corpora"]):
+        for path in sorted(directory.iterdir()) if directory.is_dir() else ():
+            try:
+                target.native.run(decode(path.read_bytes(), ps))
+            except (OSError, ProgramError, KhoConformError):
+                continue  # not an input of this page shift
+            runs["corpus"] += 1
+    print(json.dumps(runs))
+
+
+def measure_coverage(source: KernelSource, page_shifts: tuple[int, ...], work: Path, *, scenarios: bool = True,
+                     examples: int = 0, programs: dict[int, list[Path]] | None = None,
+                     corpora: dict[int, list[Path]] | None = None) -> CoverageResult:
+    """Coverage of the kernel file by the scenarios, ``examples`` state
+    machine examples, program texts and fuzz corpora (per page shift), over
+    ``page_shifts``."""
+    parts, runs = [], {}
+    for ps in page_shifts:
+        b = build(source, ps, "coverage")
+        profiles = work / f"{source.digest()[:12]}-ps{ps}"
+        shutil.rmtree(profiles, ignore_errors=True)
+        profiles.mkdir(parents=True)
+        spec = {"source": source.identity(), "root": str(source.root), "page_shift": ps, "scenarios": scenarios,
+                "examples": examples, "programs": [str(p) for p in (programs or {}).get(ps, [])],
+                "corpora": [str(p) for p in (corpora or {}).get(ps, [])]}
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | profile_env(profiles)
+        try:
+            proc = subprocess.run([sys.executable, "-c", _COVERAGE_CHILD], input=json.dumps(spec), env=env,
+                                  capture_output=True, text=True, timeout=COVERAGE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise KhoConformError(f"the coverage run of {source.version} ps{ps} took over {COVERAGE_TIMEOUT} s; "
+                                  "use fewer --examples or a smaller corpus") from None
+        if proc.returncode:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise KhoConformError(f"the coverage run of {source.version} ps{ps} failed: {last}")
+        for kind, n in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+            runs[kind] = runs.get(kind, 0) + n
+        parts.append(measure(b, profiles))
+    return CoverageResult(kernel=source.version, source=source.identity(), runs=runs, file=merge(parts))
 
 
 def _notes(cells: list[Cell]) -> list[str]:

@@ -129,12 +129,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         sources = [resolve(k, None, None, args.patch) for k in (args.kernel or [DEFAULT_KERNEL])]
     plan = Plan(sources=sources, page_shifts=tuple(args.page_shift), flavors=tuple(args.flavor), examples=args.examples,
-                fuzz_seconds=args.fuzz_time, crashes_dir=args.crashes, work_dir=args.out / "fuzz",
+                fuzz_seconds=args.fuzz_time, crashes_dir=args.crashes, work_dir=args.out / "fuzz", coverage=args.coverage,
                 reproduce_flags=" ".join(f"--kernel {s.version}" for s in sources[:1]) if not (args.kernel_tree or args.kernel_tarball) else _reproduce_flags(args))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("check", total=None)
         report = run_check(plan, args.out, progress=lambda s: bar.update(task, description=s))
     paths = write_report(report, args.out)
+    if args.email:
+        from .report import render_email
+
+        args.email.parent.mkdir(parents=True, exist_ok=True)
+        args.email.write_text(render_email(report), encoding="utf-8")
+        paths["email"] = args.email
     out.print(summary_table(report))
     for cell in report.cells:
         for check in cell.checks:
@@ -148,12 +154,28 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_fuzz(args: argparse.Namespace) -> int:
     from fuzz.runner import run_fuzz
 
-    stats = run_fuzz(source=_source(args), page_shift=args.page_shift, corpus_dir=args.corpus, jobs=args.jobs,
+    source = _source(args)
+    stats = run_fuzz(source=source, page_shift=args.page_shift, corpus_dir=args.corpus, jobs=args.jobs,
                      seconds=args.time, crashes_dir=args.crashes, live=True)
     out.print(f"{stats.execs} execs, {stats.exec_per_s:.0f} exec/s, coverage {stats.coverage}, "
               f"corpus {stats.corpus} (started from {stats.started_from}), {len(stats.new_findings)} new findings")
     for path in stats.new_findings:
         out.print(f"  kho-conform replay {path}")
+    if args.coverage:
+        from datetime import datetime, timezone
+
+        from .check import measure_coverage, tool_version
+        from .report import Report, write_report
+
+        with console.status(f"coverage of the corpus on {source.version} ps{args.page_shift}"):
+            cov = measure_coverage(source, (args.page_shift,), args.out / "coverage", scenarios=False,
+                                   corpora={args.page_shift: [args.corpus]})
+        report = Report(title=f"KHO fuzz corpus coverage ({args.corpus})", tool_version=tool_version(), cells=[],
+                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), coverage=[cov])
+        t = cov.file.totals
+        out.print(f"coverage of {cov.file.file}: {t['covered']}/{t['lines']} lines, {t['branches_taken']}/{t['branches']} "
+                  f"branch outcomes; changed lines executed {t['changed_covered']}/{t['changed_executable']}")
+        out.print(f"html      {write_report(report, args.out)['html']}")
     return 0
 
 
@@ -200,13 +222,50 @@ def cmd_minimize(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import exit_status, load_report, summary_table, write_report
+    from .report import exit_status, load_report, render_email, summary_table, write_report
 
-    report = load_report(args.source)
+    try:
+        report = load_report(args.source)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KhoConformError(f"{args.source}: not a report.json of kho-conform ({e}); pass the report.json check wrote") from None
+    if args.format == "email":
+        sys.stdout.write(render_email(report))  # as is: no console markup, emoji or wrapping
+        return exit_status(report)
     for kind, path in write_report(report, args.out).items():
         out.print(f"{kind:9} {path}")
     out.print(summary_table(report))
     return exit_status(report)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .check import tool_version
+    from .export import export_kunit, finding_source
+    from .native.kunit import run_kunit
+
+    if not (args.finding / "finding.json").is_file():
+        raise KhoConformError(f"{args.finding}: not a saved finding; pass a corpus/crashes/<signature>/ directory")
+    exported = export_kunit(args.finding, tool_version())
+    if args.page_shift not in (None, exported.page_shift):
+        raise KhoConformError(f"the finding is a page shift {exported.page_shift} program; drop --page-shift {args.page_shift}")
+    path = args.out or Path(f"{exported.name}.c")
+    path.write_text(exported.text)
+    out.print(f"kunit     {path}")
+    if args.no_run:
+        return 0
+    own = not (args.kernel or args.kernel_tree or args.kernel_tarball or args.patch)
+    source = finding_source(args.finding) if own else _source(args)
+    with console.status(f"building and running {path.name} on {source.version}"):
+        result = run_kunit(source, exported.page_shift, path)
+    sys.stdout.write(result.output)
+    where = f"{source.version} ({source.provider})"
+    if own:
+        if not result.failed:
+            raise KhoConformError(f"the exported test does not fail on the finding's own kernel {where}: the divergence is "
+                                  "not visible through the exported API; the file is kept for reference")
+        out.print(f"fails on {where}, as the finding does: it reproduces it")
+        return 0
+    out.print(f"{'passes' if result.passed else 'fails'} on {where}")
+    return 0 if result.passed else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -249,7 +308,7 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="build the kernel's KHO code as a userspace library; print its path and source identity")
     _kernel_args(b)
-    b.add_argument("--flavor", choices=("plain", "asan", "fuzz"), default="plain")
+    b.add_argument("--flavor", choices=("plain", "asan", "fuzz", "coverage"), default="plain")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.set_defaults(fn=cmd_build)
 
@@ -264,6 +323,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--fuzz-time", type=_count(0), default=20, metavar="SECONDS", help="fuzzing per kernel and page shift (default %(default)s; 0: none)")
     c.add_argument("--crashes", type=Path, default=Path("corpus/crashes"), help="where new findings are saved")
     c.add_argument("--out", type=Path, default=Path("reports"))
+    c.add_argument("--coverage", action="store_true",
+                   help="also measure the kernel file's line/branch coverage (scenarios, state machine, fuzz corpus), "
+                        "with the patch's lines marked")
+    c.add_argument("--email", type=Path, metavar="FILE", help="also write the report as plain text to mail (72 columns)")
     c.set_defaults(fn=cmd_check)
 
     f = sub.add_parser("fuzz", help="fuzz continuously with libFuzzer's fork mode; resumable corpus; live stats")
@@ -271,6 +334,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--jobs", type=_count(1), default=1, help="libFuzzer workers (default %(default)s)")
     f.add_argument("--time", type=_count(1), default=60, metavar="SECONDS", help="how long to fuzz (default %(default)s)")
     f.add_argument("--crashes", type=Path, default=Path("corpus/crashes"))
+    f.add_argument("--coverage", action="store_true",
+                   help="afterwards, measure the kernel file's coverage by the corpus; report in --out")
+    f.add_argument("--out", type=Path, default=Path("reports"), help="where --coverage writes its report")
     f.add_argument("corpus", type=Path, metavar="CORPUS_DIR")
     f.set_defaults(fn=cmd_fuzz)
 
@@ -291,7 +357,18 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="re-render a report from its report.json")
     rep.add_argument("source", type=Path, metavar="REPORT_JSON")
     rep.add_argument("--out", type=Path, default=Path("reports"))
+    rep.add_argument("--format", choices=("all", "email"), default="all",
+                     help="all: write every format into --out; email: print plain text to mail (72 columns)")
     rep.set_defaults(fn=cmd_report)
+
+    ex = sub.add_parser("export", help="turn a saved finding into a test the kernel keeps (KUnit)")
+    ex.add_argument("kind", choices=("kunit",))
+    ex.add_argument("finding", type=Path, metavar="FINDING", help="a saved finding: corpus/crashes/<signature>/")
+    ex.add_argument("--out", "-o", type=Path, metavar="FILE", help="where to write the test (default: ./kho_conform_<signature>.c)")
+    ex.add_argument("--no-run", action="store_true", help="only write the file (default: build it into the kernel's KHO code "
+                                                            "here and run it: on the finding's kernel, or the one given)")
+    _kernel_args(ex, page_shift_default=None)
+    ex.set_defaults(fn=cmd_export)
 
     be = sub.add_parser("bench", help="executions per second and memory of the native kernel, the model and the differential run")
     _kernel_args(be)

@@ -19,6 +19,7 @@ to the ``ram`` ranges of the header.
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -229,10 +230,15 @@ def format_program(p: Program) -> str:
     return "\n".join(lines) + "\n"
 
 
+_CONTINUATION = re.compile(r"\\\r?\n[ \t]*")
+
+
 def parse_program(text: str) -> Program:
     """Parse the text form. Header lines come before ``---``; a header line
     that is absent keeps its default, except that any ``ram``/``numa`` line
-    replaces the default list."""
+    replaces the default list. A line ending in a backslash continues on
+    the next, whose indentation is dropped (long ops folded in a mail)."""
+    text = _CONTINUATION.sub("", text)
     head: dict = {}
     lists: dict[str, list] = {"ram": [], "numa": [], "scratch": []}
     steps: list[Step] = []

@@ -16,18 +16,27 @@ from conformance.native.build import build
 from conformance.source import KernelSource, fetch, resolve
 from conformance.source.tree_files import KHO_C
 
-# kho_radix_del_page stops clearing the leaf bit: unpreserve leaves the page
-# preserved. Fuzzing finds it within seconds.
-UNPRESERVE_KEEPS_BIT = ("kho_radix_del_page", "02bb667dee9ae470")
+# The radix tree's delete stops clearing the leaf bit: unpreserve leaves the
+# page preserved (the function is kho_radix_del_key since 7.3). Fuzzing finds
+# it within seconds.
+UNPRESERVE_KEEPS_BIT = ("kho_radix_del_page|kho_radix_del_key", "02bb667dee9ae470")
+
+
+def site_line(source: KernelSource, site: tuple[str, str]) -> int:
+    """The one line of the KHO file at ``site``: (function, or several
+    joined by '|', hash of the line's text)."""
+    functions, line_hash = site[0].split("|"), site[1]
+    hits = [line for line, (function, h) in build(source, 12).sites.items() if function in functions and h == line_hash]
+    assert len(hits) == 1, f"{site}: {len(hits)} lines in {source.version}"
+    return hits[0]
 
 
 def _planted(series: str, function: str, line_hash: str) -> tuple[Path, list[str], list[str]]:
     """The source's root, its KHO file's lines, and the same without the line."""
     source = fetch(series)
-    hits = [line for line, site in build(source, 12).sites.items() if site == (function, line_hash)]
-    assert len(hits) == 1, f"{function}/{line_hash}: {len(hits)} lines in {source.version}"
+    line = site_line(source, (function, line_hash))
     old = (source.root / KHO_C).read_text().splitlines(keepends=True)
-    return source.root, old, old[: hits[0] - 1] + old[hits[0]:]
+    return source.root, old, old[: line - 1] + old[line:]
 
 
 def planted_patch(directory: Path, series: str = "7.2", site: tuple[str, str] = UNPRESERVE_KEEPS_BIT) -> Path:

@@ -29,6 +29,7 @@ STAGES = (
     ("conformance.check", 6),
     ("conformance.bench", 6),
     ("conformance.mutate", 6),
+    ("conformance.export", 6),
     ("conformance.cli", 6),
     ("conformance", 6),  # the package itself
 )

@@ -7,14 +7,12 @@ import shutil
 
 import pytest
 from conftest import get_build
+from planted import UNPRESERVE_KEEPS_BIT, site_line
 
 from conformance.errors import KhoConformError
 from conformance.native.build import build
 from conformance.source import fetch, from_tree
 from conformance.source.tree_files import KHO_C
-
-LINE = "__clear_bit(idx, leaf->bitmap);"
-
 
 @pytest.fixture
 def broken_tree(tmp_path):
@@ -24,9 +22,9 @@ def broken_tree(tmp_path):
     for rel in source.files:
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source.root / rel, tree / rel)
-    text = (tree / KHO_C).read_text()
-    assert text.count(LINE) == 1
-    (tree / KHO_C).write_text(text.replace(LINE, "__clear_bit(idx, kc_no_such_variable);"))
+    lines = (tree / KHO_C).read_text().splitlines(keepends=True)
+    lines[site_line(source, UNPRESERVE_KEEPS_BIT) - 1] = "kc_no_such_variable = 1;\n"
+    (tree / KHO_C).write_text("".join(lines))
     return tree
 
 

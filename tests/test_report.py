@@ -80,13 +80,41 @@ def test_html_matrix_and_charts(written) -> None:
     _, paths = written
     text = paths["html"].read_text(encoding="utf-8")
     assert "<script" not in text and "http" not in text.replace("http://www.w3.org/2000/svg", "")
-    # 2 cells x 5 distinct check names, one square each (the plain cell lacks two checks).
+    # 2 cells x (all checks + 5 families: abi, two scenario families, state machine, fuzz);
+    # the plain cell runs no high-order scenario and no fuzzing.
     assert len(re.findall(r"<td class='sq ", text)) == 10
-    assert len(re.findall(r"<td class='sq missing'", text)) == 2
+    assert len(re.findall(r"<td class='none'", text)) == 2
     assert "class='sq fail'" in text and "class='sq known'" in text and "class='sq skipped'" in text
+    # every square opens its family's checks in its cell; failing families are open
+    targets = re.findall(r"<td class='sq [a-z]+'[^>]*><a href='#([^']+)'", text)
+    assert len(targets) == 10 and all(f"id='{t}'" in text for t in targets)
+    assert "<details class='fam' id='fam-0-scenario-pfn_zero' open>" in text
+    assert "<details class='fam' id='fam-1-scenario-pfn_zero'>" in text
     # Two charts (coverage, exec/s), one series each: only one cell has a timeline.
     assert text.count("<svg") == 2 and text.count("<polyline") == 2
     assert REPRO in text and "sig-pfn0" in text and "bitmap[0]" in text and "a" * 64 in text
+
+
+def test_check_families() -> None:
+    names = ["abi.constants", "abi.key-encoding", "doc.compatible", "scenario.every-order", "scenario.alloc-failure-1",
+             "scenario.alloc-failure-12", "scenario.corrupt-fdt", "scenario.corrupt-root", "scenario.subtrees",
+             "scenario.subtree-overflow", "stateful", "fuzz", "handover.c-to-model"]
+    fam = rp.schema.check_families(names)
+    assert fam["abi.key-encoding"] == fam["abi.constants"] == ("abi", "ABI")
+    assert fam["scenario.alloc-failure-12"] == fam["scenario.alloc-failure-1"] == ("scenario", "alloc-failure")
+    assert fam["scenario.corrupt-root"] == fam["scenario.corrupt-fdt"] == ("scenario", "corrupt")
+    assert fam["scenario.subtrees"] != fam["scenario.subtree-overflow"]
+    assert fam["stateful"] == ("stateful", "state machine") and fam["handover.c-to-model"] == ("handover", "handover")
+
+
+def test_new_findings_once_per_signature(written) -> None:
+    report, paths = written
+    twice = dataclasses.replace(report.cells[0], page_shift=14)
+    report.cells.append(twice)
+    found = rp.schema.new_findings(report)
+    assert [f.signature for f in found] == ["sig-pfn0"] and len(found[0].seen) == 2
+    text = paths["html"].read_text(encoding="utf-8")
+    assert "<h2 id='findings'>New findings (1)</h2>" in text and "1 new finding" in text
 
 
 def test_html_without_fuzz_data(tmp_path: Path) -> None:
@@ -164,7 +192,9 @@ def test_summary_table() -> None:
 def test_load_report_ignores_missing_optionals(tmp_path: Path) -> None:
     report = Report("t", "now", "0", [Cell("7.1", 14, "asan", {}, [CheckResult("a", "pass")])])
     data = dataclasses.asdict(report)
-    del data["notes"], data["cells"][0]["fuzz_timeline"], data["cells"][0]["build_seconds"]
+    # what a report.json written before coverage and minimized programs lacks, too
+    del data["notes"], data["cells"][0]["fuzz_timeline"], data["cells"][0]["build_seconds"], data["coverage"]
+    del data["cells"][0]["checks"][0]["program"]
     path = tmp_path / "r.json"
     path.write_text(json.dumps(data))
     assert rp.load_report(path) == report

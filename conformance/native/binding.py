@@ -22,7 +22,7 @@ from reference.tree import leaf_bits, traverse
 
 from ..errors import KhoConformError
 from ..source.tree_files import KHO_C
-from .build import Build, line_hash
+from .build import SANITIZED_FLAVORS, Build, line_hash
 from .contract import OP_BOOT, REC, Memblock, Rec, cdef, pack_image, pack_program
 from .sanitizer import symbolize
 
@@ -39,7 +39,7 @@ class NativeKernel:
     """The kernel's KHO code, built for one source, page shift and flavor."""
 
     def __init__(self, build: Build) -> None:
-        if build.flavor != "plain" and not os.environ.get("LD_PRELOAD"):
+        if build.flavor in SANITIZED_FLAVORS and not os.environ.get("LD_PRELOAD"):
             raise KhoConformError(f"the {build.flavor} flavor must run in a process started with its sanitizer runtime preloaded; use the kho-conform CLI")
         self.build = build
         self.lib = _load(str(build.library))

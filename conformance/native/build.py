@@ -8,7 +8,10 @@ Flavors:
   (c/runtime/kc_sanitizer.c) record each report and execution goes on; ASan
   reports arrive through its report callback with halt_on_error=0;
 - ``fuzz``: ``asan`` plus ``-fsanitize=fuzzer-no-link`` so atheris sees the
-  kernel code's coverage (loaded under atheris's asan_with_fuzzer.so).
+  kernel code's coverage (loaded under atheris's asan_with_fuzzer.so);
+- ``coverage``: clang's source-based coverage (``-fprofile-instr-generate
+  -fcoverage-mapping``, the profile runtime linked into the library), read
+  back with llvm-profdata/llvm-cov (``coverage.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from ..source.tree_files import KHO_C
 from .contract import c_header
 from .extract import C_DIR, RUNTIME_DIR, Extraction, extract, generated_dir, include_flags
 
-FLAVORS = ("plain", "asan", "fuzz")
+FLAVORS = ("plain", "asan", "fuzz", "coverage")
+SANITIZED_FLAVORS = ("asan", "fuzz")  # loaded only into a process started with their runtime
 DRIVER_DIR = C_DIR / "driver"
 LIBFDT_SOURCES = ("fdt.c", "fdt_ro.c", "fdt_rw.c", "fdt_sw.c", "fdt_wip.c", "fdt_strerror.c")
 CLANG_CANDIDATES = ("clang-16", "clang")
@@ -41,6 +45,7 @@ SANITIZE = ["-fsanitize=address,undefined", "-fsanitize-recover=address,undefine
             "-fno-omit-frame-pointer"]
 # The runtime is the environment, not the code under test: no UBSan reports from it.
 RUNTIME_EXTRA = ["-fno-sanitize=undefined"]
+COVERAGE = ["-fprofile-instr-generate", "-fcoverage-mapping"]
 
 
 @dataclass
@@ -137,15 +142,46 @@ def _flags(flavor: str) -> list[str]:
     common = ["-std=gnu11", "-fPIC", "-g", "-fno-strict-aliasing", "-fno-common"]
     if flavor == "plain":
         return [*common, "-O1"]
+    if flavor == "coverage":
+        return [*common, "-O1", *COVERAGE]
     extra = ["-fsanitize=fuzzer-no-link"] if flavor == "fuzz" else []
     return [*common, "-O1", *SANITIZE, *extra]
 
 
-def _run(cmd: list[str], what: str) -> None:
+def run_compiler(cmd: list[str], what: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         lines = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.splitlines() or ["?"]
         raise KhoConformError(f"compiling {what} failed: {lines[0][:300]}")
+
+
+def compile_objects(source: KernelSource, page_shift: int, flavor: str, cc: str, work: Path, *,
+                    unit_tail: str = "", include_dirs: tuple[Path, ...] = ()) -> tuple[Extraction, list[Path]]:
+    """Extract the kernel unit into ``work`` (with ``unit_tail`` appended,
+    found through ``include_dirs``) and compile it, the runtime and the
+    tree's libfdt there: the objects every library or program of the kernel
+    code links."""
+    ex: Extraction = extract(source.root, work, page_shift, cc)
+    staged = work / "stage"
+    gen = generated_dir(staged)
+    # The unit replaces the staged copy, so debug info, sanitizer reports and
+    # coverage name kernel/liveupdate/kexec_handover.c with the kernel's line numbers.
+    unit = staged / KHO_C
+    unit.write_text(ex.unit + unit_tail)
+    flags = [*_flags(flavor), f"-DKC_PAGE_SHIFT={page_shift}"]
+    objs = [work / "kho.o"]
+    run_compiler([cc, *flags, *STRICT, *include_flags(staged), f"-I{DRIVER_DIR}", *(f"-I{d}" for d in include_dirs),
+                  "-c", str(unit), "-o", str(objs[0])], f"{KHO_C} against the shims")
+    extra = RUNTIME_EXTRA if flavor in SANITIZED_FLAVORS else []
+    for path in sorted(RUNTIME_DIR.glob("*.c")):
+        objs.append(work / f"{path.stem}.o")
+        run_compiler([cc, *flags, *extra, *STRICT, f"-I{RUNTIME_DIR}", f"-I{gen}", "-c", str(path), "-o", str(objs[-1])],
+                     f"the runtime ({path.name})")
+    libfdt = source.root / "scripts/dtc/libfdt"
+    for name in LIBFDT_SOURCES:
+        objs.append(work / f"{name}.o")
+        run_compiler([cc, *flags, f"-I{libfdt}", "-w", "-c", str(libfdt / name), "-o", str(objs[-1])], f"libfdt {name}")
+    return ex, objs
 
 
 def _cached(final: Path) -> dict | None:
@@ -197,35 +233,12 @@ def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, 
 
 
 def _compile(source: KernelSource, page_shift: int, flavor: str, cc: str, work: Path) -> dict:
-    """Extract and compile into ``work``; the build's metadata."""
-    ex: Extraction = extract(source.root, work, page_shift, cc)
-    staged = work / "stage"
-    gen = generated_dir(staged)
-    # The unit replaces the staged copy, so debug info and sanitizer reports
-    # name kernel/liveupdate/kexec_handover.c with the kernel's line numbers.
-    unit = staged / KHO_C
-    unit.write_text(ex.unit)
-    flags = [*_flags(flavor), f"-DKC_PAGE_SHIFT={page_shift}"]
-    objs = []
-    obj = work / "kho.o"
-    _run([cc, *flags, *STRICT, *include_flags(staged), f"-I{DRIVER_DIR}", "-c", str(unit), "-o", str(obj)],
-         f"{KHO_C} against the shims")
-    objs.append(obj)
-    for path in sorted(RUNTIME_DIR.glob("*.c")):
-        obj = work / f"{path.stem}.o"
-        extra = RUNTIME_EXTRA if flavor != "plain" else []
-        _run([cc, *flags, *extra, *STRICT, f"-I{RUNTIME_DIR}", f"-I{gen}", "-c", str(path), "-o", str(obj)], f"the runtime ({path.name})")
-        objs.append(obj)
-    libfdt = source.root / "scripts/dtc/libfdt"
-    for name in LIBFDT_SOURCES:
-        obj = work / f"{name}.o"
-        _run([cc, *flags, f"-I{libfdt}", "-w", "-c", str(libfdt / name), "-o", str(obj)], f"libfdt {name}")
-        objs.append(obj)
+    """Extract, compile and link the library into ``work``; the build's metadata."""
+    ex, objs = compile_objects(source, page_shift, flavor, cc, work)
     # Sanitizer runtimes come from the preloaded library, so only the plain
     # flavor can insist that every symbol resolves at link time.
     strict_link = ["-Wl,--no-undefined"] if flavor == "plain" else _flags(flavor)
-    link = [cc, "-shared", *strict_link, "-o", str(work / "libkho.so"), *map(str, objs), "-ldl", "-lc"]
-    _run(link, "the library")
+    run_compiler([cc, "-shared", *strict_link, "-o", str(work / "libkho.so"), *map(str, objs), "-ldl", "-lc"], "the library")
     return {
         "compiler": cc, "api": ex.api, "compatible": ex.compatible, "doc_compatible": ex.doc_compatible,
         "unit_bytes": len(ex.unit.encode()), "kept": ex.kept, "dropped": ex.dropped,

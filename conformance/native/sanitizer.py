@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import KhoConformError
+from .build import SANITIZED_FLAVORS
 
 # UBSan recovers (reports and goes on); ASan reports through its callback and
 # the runtime ends the op; SEGV/ILL stay with the runtime's own handlers.
@@ -22,7 +23,7 @@ SANITIZER_ENV = {
 
 def sanitizer_preload(flavor: str) -> str | None:
     """The runtime a sanitizer flavor needs preloaded into the Python process."""
-    if flavor == "plain":
+    if flavor not in SANITIZED_FLAVORS:
         return None
     if flavor == "fuzz":
         import atheris

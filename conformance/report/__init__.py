@@ -1,6 +1,6 @@
 """Stage 5, report: one results schema (``schema``), one renderer per format
-(``markdown``, ``html``, ``junit``, ``terminal``); ``report.json`` is the
-schema itself."""
+(``markdown``, ``html``, ``junit``, ``terminal``, ``email``); ``report.json``
+is the schema itself."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from .email import render_email
 from .html import render_html
 from .junit import render_junit
 from .markdown import render_markdown
-from .schema import STATUSES, Cell, CheckResult, FuzzPoint, Report, exit_status, load_report
+from .schema import STATUSES, Cell, CheckResult, CoverageResult, FuzzPoint, Report, exit_status, load_report
 from .terminal import summary_table
 
-__all__ = ["STATUSES", "Cell", "CheckResult", "FuzzPoint", "Report", "exit_status", "load_report", "summary_table",
-           "write_report"]
+__all__ = ["STATUSES", "Cell", "CheckResult", "CoverageResult", "FuzzPoint", "Report", "exit_status", "load_report", "render_email",
+           "summary_table", "write_report"]
 
 
 def write_report(report: Report, out_dir: Path) -> dict[str, Path]:

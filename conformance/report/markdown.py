@@ -6,7 +6,18 @@ import re
 from typing import Any
 
 from ..source.identity import short_digest
-from .schema import STATUSES, Report, clean, divergence_fields, divergences, source_label, unique_sources, verdict
+from .schema import (
+    STATUSES,
+    CoverageResult,
+    Report,
+    clean,
+    divergence_fields,
+    divergences,
+    ranges_text,
+    source_label,
+    unique_sources,
+    verdict,
+)
 from .style import SYMBOLS
 
 
@@ -60,6 +71,8 @@ def render_markdown(report: Report) -> str:
         for c in fuzzed:
             p = c.fuzz_timeline[-1]
             out.append(f"| {_md(c.name)} | {p.seconds:.0f} | {p.execs} | {p.exec_per_s:.0f} | {p.coverage} | {p.corpus} | {p.findings} |")
+    for r in report.coverage:
+        out += _coverage(r)
     if report.notes:
         out += ["", "## Notes", ""] + [f"- {_md(n)}" for n in report.notes]
     out += ["", "## Kernel sources"]
@@ -68,3 +81,22 @@ def render_markdown(report: Report) -> str:
         extra = [f"- {_md(k)}: {_md(v)}" for k, v in s.items() if k not in ("version", "provider", "files")]
         out += extra + [""] * bool(extra) + ["| file | sha256 |", "|---|---|"] + [f"| {_code(p)} | {_code(h)} |" for p, h in sorted((s.get("files") or {}).items())]
     return "\n".join(out) + "\n"
+
+
+def _coverage(r: CoverageResult) -> list[str]:
+    f, t = r.file, r.file.totals
+    out = ["", f"## Coverage: {_md(r.kernel)}, {_code(f.file)}", "",
+           f"Page shifts {', '.join(map(str, f.page_shifts))}; ran "
+           + _md(", ".join(f"{n} {kind}" for kind, n in r.runs.items())) + " on the coverage build.", "",
+           f"- lines executed: {t['covered']}/{t['lines']}",
+           f"- branch outcomes taken: {t['branches_taken']}/{t['branches']}",
+           f"- functions called: {t['functions_called']}/{t['functions']}"]
+    if f.changed:
+        out += [f"- lines the series changed: {ranges_text(f.changed)} ({t['changed_covered']}/{t['changed_executable']} "
+                "with code executed)",
+                f"- changed lines nothing executed: {ranges_text(f.changed_not_run) or 'none'}",
+                f"- changed lines not built by the harness: {ranges_text(f.changed_not_built) or 'none'}"]
+    out += ["", "| function | line | calls | lines executed | changed lines executed |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {_code(fn.name)} | {fn.line} | {fn.calls} | {fn.covered}/{fn.lines} | "
+            f"{f'{fn.changed_covered}/{fn.changed}' if fn.changed else ''} |" for fn in f.functions]
+    return out

@@ -13,6 +13,7 @@ from typing import Any
 from fuzz.stats import FuzzPoint
 
 from ..errors import KhoConformError
+from ..native.coverage import FileCoverage, FunctionCoverage
 from ..source.identity import short_digest
 
 STATUSES = ("pass", "fail", "known", "error", "skipped")
@@ -29,6 +30,7 @@ class CheckResult:
     divergence: dict | None = None
     known_id: str = ""
     reproducer: str = ""
+    program: str = ""  # a new failure's minimized program (text form), as saved with its finding
 
     def __post_init__(self) -> None:
         # A typo'd status would otherwise count as neither pass nor fail and slip past exit_status.
@@ -66,17 +68,35 @@ class Cell:
 
 
 @dataclass
+class CoverageResult:
+    """What ran on one kernel source's coverage builds, and the kernel file's coverage."""
+
+    kernel: str
+    source: dict  # the source identity (its changed_lines name the patch series' lines)
+    runs: dict[str, int]  # programs run, by kind: scenarios, stateful (examples), corpus (inputs)
+    file: FileCoverage
+
+
+@dataclass
 class Report:
     title: str
     created: str
     tool_version: str
     cells: list[Cell]
     notes: list[str] = field(default_factory=list)
+    coverage: list[CoverageResult] = field(default_factory=list)
+
+
+def _coverage(data: dict) -> CoverageResult:
+    f = dict(data["file"])
+    f["functions"] = [FunctionCoverage(**fn) for fn in f.get("functions", [])]
+    return CoverageResult(data["kernel"], data.get("source", {}), data.get("runs", {}), FileCoverage(**f))
 
 
 def load_report(path: Path) -> Report:
-    """Rebuild a Report from a report.json written by ``write_report``; a
-    one-line error naming the file and what is wrong with it otherwise."""
+    """Rebuild a Report from a report.json written by ``write_report`` (also
+    by an older kho-conform: fields added since have defaults); a one-line
+    error naming the file and what is wrong with it otherwise."""
     path = Path(path)
     fix = "give a report.json that kho-conform check wrote (check --out DIR writes a new one)"
     try:
@@ -99,8 +119,11 @@ def load_report(path: Path) -> Report:
             cells.append(Cell(_required(c, "kernel", str), _required(c, "page_shift", int), _required(c, "flavor", str),
                               c.get("source", {}), checks, timeline, c.get("build_seconds", 0.0)))
         where = "the top level"
+        where = "coverage"
+        coverage = [_coverage(c) for c in data.get("coverage", [])]
+        where = "the top level"
         return Report(_required(data, "title", str), _required(data, "created", str), _required(data, "tool_version", str),
-                      cells, list(data.get("notes", [])))
+                      cells, list(data.get("notes", [])), coverage)
     except (TypeError, ValueError, AttributeError) as e:
         raise KhoConformError(f"{path}: not a kho-conform report ({where}: {e}); {fix}") from None
 
@@ -132,6 +155,67 @@ def source_label(source: dict) -> str:
 
 def divergences(report: Report) -> list[tuple[Cell, CheckResult]]:
     return [(c, k) for c in report.cells for k in c.checks if k.status in ("fail", "known")]
+
+
+# Check families, in matrix order: a check's group is its name up to the first
+# dot; scenarios are further split by what they exercise.
+GROUPS = {"abi": "ABI", "doc": "doc", "scenario": "scenarios", "stateful": "state machine", "fuzz": "fuzz",
+          "handover": "handover"}
+WORST_FIRST = ("fail", "error", "known", "skipped", "pass")
+_NUMBERED = re.compile(r"-\d+$")
+
+
+def check_families(names: list[str]) -> dict[str, tuple[str, str]]:
+    """Check name -> (group, family), e.g. "scenario.alloc-failure-3" ->
+    ("scenario", "alloc-failure"). Scenario families drop a trailing number
+    and merge on a shared first word ("corrupt-fdt", "corrupt-root" ->
+    "corrupt"); other groups are one family each."""
+    stems = {n: _NUMBERED.sub("", n.split(".", 1)[1]) for n in names if n.startswith("scenario.") and "." in n}
+    words: dict[str, set[str]] = {}
+    for stem in stems.values():
+        words.setdefault(stem.split("-", 1)[0], set()).add(stem)
+    out = {}
+    for n in names:
+        group = n.split(".", 1)[0]
+        if n in stems:
+            stem = stems[n]
+            word = stem.split("-", 1)[0]
+            out[n] = (group, word if len(words[word]) > 1 else stem)
+        else:
+            out[n] = (group, GROUPS.get(group, group))
+    return out
+
+
+def worst(statuses: list[str]) -> str:
+    return next((s for s in WORST_FIRST if s in statuses), "pass")
+
+
+@dataclass
+class NewFinding:
+    """A new failure (no known finding explains it), once per signature,
+    with every check and cell that showed it."""
+
+    signature: str
+    check: CheckResult  # the first check that showed it
+    cell: Cell
+    seen: list[tuple[Cell, CheckResult]]
+
+
+def new_findings(report: Report) -> list[NewFinding]:
+    out: dict[str, NewFinding] = {}
+    for c in report.cells:
+        for k in c.checks:
+            if k.status != "fail":
+                continue
+            signature = str((k.divergence or {}).get("signature") or f"{k.name}: {k.detail}")
+            found = out.setdefault(signature, NewFinding(signature, k, c, []))
+            found.seen.append((c, k))
+    return list(out.values())
+
+
+def ranges_text(runs: list[list[int]]) -> str:
+    """[[251, 253], [260, 260]] -> "251-253, 260"."""
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def check_names(report: Report) -> list[str]:

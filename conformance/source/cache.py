@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import KhoConformError
-from .identity import KernelSource
+from .identity import KernelSource, line_ranges
 from .tree_files import NEEDED_PATHS, makefile_version, needed_files
 
 _CHECKOUT = Path(__file__).resolve().parents[2]
@@ -74,13 +74,15 @@ def load_entry(entry: Path) -> KernelSource | None:
         return None
     if meta.get("needed_paths") != list(NEEDED_PATHS):
         return None
+    if meta.get("patches") and "changed_lines" not in meta:
+        return None  # patched before changed lines were recorded: made again
     tree = entry / "tree"
     return KernelSource(meta["version"], meta["provider"], tree, hash_files(tree), meta["makefile_version"],
-                        tuple(tuple(p) for p in meta.get("patches", ())))
+                        tuple(tuple(p) for p in meta.get("patches", ())), line_ranges(meta.get("changed_lines", {})))
 
 
 def install_entry(root: Path, name: str, staged_tree: Path, version: str, provider: str,
-                  patches: list[tuple[str, str]] = ()) -> KernelSource:
+                  patches: list[tuple[str, str]] = (), changed_lines: dict | None = None) -> KernelSource:
     """Move a fully prepared tree from tmp/ into trees/<name> (caller holds the lock)."""
     staging = staged_tree.parent
     meta = {
@@ -89,6 +91,7 @@ def install_entry(root: Path, name: str, staged_tree: Path, version: str, provid
         "makefile_version": makefile_version(staged_tree),
         "needed_paths": list(NEEDED_PATHS),
         "patches": [list(p) for p in patches],
+        "changed_lines": {path: [list(r) for r in ranges] for path, ranges in (changed_lines or {}).items()},
     }
     (staging / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     final = root / "trees" / name

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,8 @@ class KernelSource:
     files: dict[str, str] = field(hash=False)  # relative path -> sha256
     makefile_version: str = ""  # VERSION.PATCHLEVEL.SUBLEVEL+EXTRAVERSION of the tree's Makefile
     patches: tuple[tuple[str, str], ...] = ()  # (name, sha256) of each patch applied, in order
+    # path -> (first, last) line ranges the patches changed, in the patched file's numbering
+    changed_lines: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict, hash=False)
 
     def digest(self) -> str:
         """Content only: the same files from two providers share build results."""
@@ -49,6 +52,7 @@ class KernelSource:
             "digest": self.digest(),
             "files": dict(sorted(self.files.items())),
             "patches": [list(p) for p in self.patches],
+            "changed_lines": {path: [list(r) for r in ranges] for path, ranges in sorted(self.changed_lines.items())},
         }
 
     @classmethod
@@ -56,9 +60,26 @@ class KernelSource:
         """The inverse of ``identity()``, for files laid out under ``root``."""
         try:
             return cls(identity["version"], identity["provider"], Path(root), dict(identity["files"]),
-                       identity.get("makefile_version", ""), tuple(tuple(p) for p in identity.get("patches", ())))
+                       identity.get("makefile_version", ""), tuple(tuple(p) for p in identity.get("patches", ())),
+                       line_ranges(identity.get("changed_lines", {})))
         except (KeyError, TypeError) as e:
             raise KhoConformError(f"a source identity lacks {e}; it was not written by kho-conform") from None
+
+
+def ranges_of(lines: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """Line numbers as ascending ``(first, last)`` runs: 1 2 3 7 -> (1, 3) (7, 7)."""
+    out: list[tuple[int, int]] = []
+    for n in sorted(set(lines)):
+        if out and out[-1][1] == n - 1:
+            out[-1] = (out[-1][0], n)
+        else:
+            out.append((n, n))
+    return tuple(out)
+
+
+def line_ranges(data: dict) -> dict[str, tuple[tuple[int, int], ...]]:
+    """``changed_lines`` as JSON holds it (lists) -> as KernelSource does (tuples)."""
+    return {path: tuple((int(a), int(b)) for a, b in ranges) for path, ranges in data.items()}
 
 
 def short_digest(identity: dict) -> str:

@@ -23,13 +23,17 @@ from pathlib import Path
 
 from ..errors import KhoConformError
 from .cache import cached_entry, install_entry
-from .identity import KernelSource
+from .identity import KernelSource, ranges_of
 from .tree_files import NEEDED_PATHS, check_essentials, is_needed
 
 _log = logging.getLogger(__name__)
 
 _MBOX_FROM = re.compile(rb"^From \S+", re.M)
 _SUBJECT = re.compile(r"^Subject:\s*(.*(?:\n[ \t].*)*)", re.M)
+# A message holds a change when it has a file header pair; a cover letter
+# ("[PATCH 0/N]") or a reply in the mbox does not.
+_HAS_DIFF = re.compile(rb"^--- \S.*\n\+\+\+ \S", re.M)
+_HUNK = re.compile(r"^@@ -\d+(?:,\d+)? \+(\d+)(?:,(\d+))? @@", re.M)
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,15 @@ def _split_mbox(path: Path, data: bytes) -> list[Patch]:
         messages = [p.read_bytes() for p in sorted(out.iterdir())]
     if len(messages) == 1:
         return [Patch(path.name, messages[0])]
-    return [Patch(f"{path.name}#{i}: {_subject(m) or '(no subject)'}", m) for i, m in enumerate(messages, 1)]
+    patches = [Patch(f"{path.name}#{i}: {_subject(m) or '(no subject)'}", m)
+               for i, m in enumerate(messages, 1) if _HAS_DIFF.search(m)]
+    skipped = len(messages) - len(patches)
+    if skipped:
+        _log.info("%s: skipping %d message(s) without a diff (cover letter, replies)", path.name, skipped)
+    if not patches:
+        raise KhoConformError(f"{path}: none of its {len(messages)} messages holds a diff; pass the mbox b4 am or "
+                              "git format-patch wrote")
+    return patches
 
 
 def read_series(path: Path) -> list[Patch]:
@@ -134,6 +146,24 @@ def _apply(patch: Patch, staged: Path, provider: str) -> None:
             raise KhoConformError(f"patch {patch.name} does not apply to {provider}: {where}; rebase it onto that kernel")
 
 
+def changed_lines(base: Path, patched: Path) -> tuple[tuple[int, int], ...]:
+    """Line ranges ``(first, last)`` of ``patched`` (1-based, its own
+    numbering) that differ from ``base`` (``git diff -U0``): added and
+    changed lines, and where lines were only removed, the lines on either
+    side of the removal. A file the series created is changed throughout."""
+    proc = _git(["diff", "--no-index", "--no-color", "-U0", "--", str(base if base.exists() else os.devnull),
+                 str(patched)], patched.parent)
+    if proc.returncode not in (0, 1):  # 1: the files differ
+        detail = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise KhoConformError(f"git diff of {patched.name} failed: {detail[0] if detail else '?'}")
+    lines: set[int] = set()
+    for m in _HUNK.finditer(proc.stdout.decode(errors="replace")):
+        start, count = int(m[1]), int(m[2] if m[2] is not None else 1)
+        lines.update(range(start, start + count) if count else (start, start + 1))
+    total = len(patched.read_bytes().splitlines())
+    return ranges_of(n for n in lines if 1 <= n <= total)
+
+
 def apply_series(source: KernelSource, patches: list[Patch], label: str) -> KernelSource:
     """``source`` with ``patches`` applied in order to a copy of its needed
     files in the cache. ``label`` names the series in the provider string."""
@@ -159,7 +189,10 @@ def apply_series(source: KernelSource, patches: list[Patch], label: str) -> Kern
         for patch in used:
             _apply(patch, staged, provider)
         check_essentials(staged, f"{source.provider} with {label}")
+        # In the patched files' numbering: what coverage marks as the series' lines.
+        changed = {f: r for f in sorted({f for _, files in touched for f in files if is_needed(f)})
+                   if (staged / f).is_file() and (r := changed_lines(source.root / f, staged / f))}
         return install_entry(root, name, staged, source.version, provider,
-                             patches=[(p.name, p.sha256) for p in patches])
+                             patches=[(p.name, p.sha256) for p in patches], changed_lines=changed)
 
     return cached_entry(name, make)

@@ -93,6 +93,17 @@ static inline struct folio *folio_alloc(gfp_t gfp, unsigned int order)
 	return page_folio(virt_to_page(mem));
 }
 #define folio_put(folio) kc_free_pages(folio_address(folio))
+/* A block that is not a compound page: each of its pages is its own order-0 folio. */
+static inline struct page *alloc_pages(gfp_t gfp, unsigned int order)
+{
+	void *mem = kc_alloc_pages(order);
+	struct page *page = mem ? virt_to_page(mem) : NULL;
+
+	for (unsigned long i = 0; page && i < (1UL << order); i++)
+		pfn_to_page(page_to_pfn(page) + i)->kc_order = 0;
+	return page;
+}
+#define __free_pages(page, order) kc_free_pages(page_address(page))
 
 /* memblock: recorded, never allocates from outside the arena */
 #define MEMBLOCK_ALLOC_ANYWHERE (~(phys_addr_t)0)
