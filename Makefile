@@ -10,7 +10,7 @@ KERNELS ?= 7.1 7.2 7.3
 # llvm-16: llvm-profdata-16/llvm-cov-16 for --coverage; chromium: the 1280 px layout test of the HTML report.
 APT_PACKAGES := clang-16 libclang-rt-16-dev llvm-16 device-tree-compiler binutils git xz-utils chromium
 
-.PHONY: setup check test bench fuzz kill-campaign clean
+.PHONY: setup check test bench fuzz seeds kill-campaign clean
 
 $(BIN)/kho-conform: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: setup
 
 fuzz: setup
 	$(BIN)/kho-conform fuzz --kernel 7.2 --jobs 2 --time 600 fuzz-corpus
+
+# After a decoder change: new bytes for every seed that no longer decodes to
+# what its name says (fuzz/seeds.py).
+seeds: $(BIN)/kho-conform
+	$(BIN)/python -m fuzz.seeds
 
 # The tool's own fault injection, longer than the test suite's one round:
 # ROUNDS x 6 signals x 4 moments kills of `kho-conform fuzz`.

@@ -37,7 +37,7 @@ from reference.geometry import geometry
 from reference.keys import decode, encode, in_domain, range_in_domain
 from reference.outcome import ENOMEM, Outcome
 from reference.profiles import PROFILES
-from reference.program import Op, Program, ProgramError, Step, parse_program
+from reference.program import QUERY_OPS, Op, Program, ProgramError, Step, parse_program
 
 from .errors import KhoConformError
 from .source import KernelSource, fetch, list_cached
@@ -49,6 +49,12 @@ PAGE_OPS = {Op.PRESERVE_PAGES, Op.UNPRESERVE_PAGES}
 FOLIO_OPS = {Op.PRESERVE_FOLIO, Op.UNPRESERVE_FOLIO}
 RADIX_OPS = {Op.RADIX_ADD, Op.RADIX_DEL}
 KEY_OPS = {Op.RADIX_ADD_KEY, Op.RADIX_DEL_KEY}
+EXPORTED_OPS = INT_OPS | PAGE_OPS | FOLIO_OPS | RADIX_OPS | KEY_OPS | {Op.REMOVE_SUBTREE}
+_ALLOCATES = "its memory comes from the running kernel's allocator, whose pages a test cannot choose"
+NOT_EXPORTED_WHY = {
+    Op.ALLOC_PRESERVE: _ALLOCATES, Op.UNPRESERVE_FREE: _ALLOCATES, Op.PRESERVE_VMALLOC: _ALLOCATES,
+    Op.UNPRESERVE_VMALLOC: _ALLOCATES, Op.FILL_FDT: "the FDT a running kernel has is already filled its own way",
+}
 SUBTREE_PROPS = ("preserved-data", "blob-size")  # KHO_SUB_TREE_PROP_NAME, KHO_SUB_TREE_SIZE_PROP_NAME
 
 
@@ -186,8 +192,12 @@ def export_kunit(finding: Path, tool_version: str) -> KunitExport:
     if profile is None:
         raise _refuse(finding, f"its model profile {meta.get('profile')!r} is unknown to this kho-conform")
     ps = header.page_shift
+    # Pokes only corrupt the image at kexec; queries change nothing.
     steps = [s for s in program.steps[: kexec if kexec is not None else len(program.steps)]
-             if s.op not in (Op.POKE_ARENA, Op.POKE_FDT)]  # pokes only corrupt the image at kexec
+             if s.op not in (Op.POKE_ARENA, Op.POKE_FDT) and s.op not in QUERY_OPS]
+    unexported = next((s for s in steps if s.op not in EXPORTED_OPS), None)
+    if unexported is not None:
+        raise _refuse(finding, f"op {unexported.text()} is not exported: {NOT_EXPORTED_WHY.get(unexported.op, 'not yet')}")
     truncated = Program(header, tuple(steps))
     regions = _regions(steps, finding)
     outside = next((s for s in steps if (s.op in FOLIO_OPS and not in_domain(s.a, s.b, ps))

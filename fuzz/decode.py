@@ -8,21 +8,32 @@ inputs give small ordinary programs and each extra byte refines one choice.
 Values are drawn where the two implementations are most likely to disagree:
 pfn 0 and huge pfns, NUMA boundaries, the arena, the key-width edge, orders up
 to and past ``64 - PAGE_SHIFT``, ranges up to 2^40 pages, duplicate subtree
-names, and restores aimed at what the program preserved.
+names, allocation sizes at the page-order edges, vmalloc areas of one and of
+many chunks, scratch-area edges, pokes into the caller's descriptors, and
+restores aimed at what the program preserved.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from reference.geometry import MAX_PAGE_ORDER, geometry
 from reference.program import (
+    ALLOC_SLOTS_OFFSET,
+    AREA_ALLOC,
+    AREA_FLAGS,
+    AREA_HUGE,
     ARENA_BASE_PHYS,
     MAX_NAME,
     MAX_NUMA_RANGES,
     MAX_RAM_PFN,
     MAX_RAM_RANGES,
     MAX_SCRATCH,
+    MAX_VMALLOC_PAGES,
+    SLOTS,
     U64,
+    VMALLOC_DESCRIPTOR_BYTES,
+    VMALLOC_SLOTS_OFFSET,
     Header,
     Op,
     Program,
@@ -33,7 +44,6 @@ from reference.program import (
 
 MAX_OLD_OPS = 32
 MAX_NEW_OPS = 10
-MAX_PAGE_ORDER = 10  # the kernel's usual folio orders
 NAME_ALPHABET = "ab@"  # few letters: collisions (duplicate subtrees) are common
 LONG_NAME_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789@,._-+/ "
 RECENT = 8  # preserved things remembered for unpreserve/restore
@@ -162,6 +172,8 @@ class _State:
     ranges: list[tuple[int, int]] = field(default_factory=list)  # (pfn, nr_pages)
     names: list[str] = field(default_factory=list)
     subtrees: list[int] = field(default_factory=list)  # phys
+    alloc_slots: list[int] = field(default_factory=list)
+    vmalloc_slots: list[int] = field(default_factory=list)
 
     def remember(self, table: list, item) -> None:
         table.append(item)
@@ -269,10 +281,13 @@ _OLD_KINDS = (
     Op.PRESERVE_FOLIO, Op.PRESERVE_PAGES, Op.UNPRESERVE_FOLIO, Op.UNPRESERVE_PAGES, Op.RADIX_ADD,
     Op.RADIX_DEL, Op.ADD_SUBTREE, Op.REMOVE_SUBTREE, Op.RADIX_ADD_KEY, Op.RADIX_DEL_KEY,
     Op.POKE_ARENA, Op.POKE_FDT, Op.RESTORE_FOLIO, Op.KEXEC, Op.FILL_FDT,
+    Op.ALLOC_PRESERVE, Op.UNPRESERVE_FREE, Op.PRESERVE_VMALLOC, Op.UNPRESERVE_VMALLOC, Op.SCRATCH_OVERLAP,
+    Op.IS_KHO_ENABLED, Op.IS_KHO_BOOT,
 )
-_OLD_WEIGHTS = (60, 50, 22, 20, 16, 12, 26, 10, 10, 6, 3, 3, 5, 5, 6)
-_NEW_KINDS = (Op.RESTORE_FOLIO, Op.RESTORE_PAGES, Op.RETRIEVE_SUBTREE, Op.PRESERVE_FOLIO, Op.KEXEC)
-_NEW_WEIGHTS = (100, 80, 60, 10, 6)
+_OLD_WEIGHTS = (60, 50, 22, 20, 16, 12, 26, 10, 10, 6, 3, 3, 5, 5, 6, 14, 6, 14, 5, 4, 1, 1)
+_NEW_KINDS = (Op.RESTORE_FOLIO, Op.RESTORE_PAGES, Op.RETRIEVE_SUBTREE, Op.PRESERVE_FOLIO, Op.KEXEC,
+              Op.RESTORE_FREE, Op.RESTORE_VMALLOC, Op.SCRATCH_OVERLAP, Op.IS_KHO_BOOT, Op.IS_KHO_ENABLED)
+_NEW_WEIGHTS = (100, 80, 60, 10, 6, 30, 40, 8, 2, 2)
 
 
 def _old_step(r: _Reader, st: _State, kind: Op) -> Step:
@@ -311,7 +326,12 @@ def _old_step(r: _Reader, st: _State, kind: Op) -> Step:
         return Step(kind, _blob_phys(r, st))
     if kind == Op.POKE_ARENA:
         page = r.below(8) if r.chance(80) else r.below(st.header.arena_pages + 4)
-        slot = r.small(1 << (P - 3)) if r.chance(90) else r.uint(2)
+        word = r.small(1 << (P - 3)) if r.chance(90) else r.uint(2)
+        if page == 0 and r.chance(60):  # the caller's records on the handover page
+            if r.chance(50):
+                word = (VMALLOC_SLOTS_OFFSET + r.small(SLOTS) * VMALLOC_DESCRIPTOR_BYTES) // 8 + r.below(2)
+            else:
+                word = ALLOC_SLOTS_OFFSET // 8 + r.small(SLOTS)
         vkind = r.pick((90, 60, 60, 46))
         if vkind == 0:  # a pointer to another arena page: a plausible but wrong node
             value = ARENA_BASE_PHYS + (r.below(st.header.arena_pages + 4) << P)
@@ -321,7 +341,7 @@ def _old_step(r: _Reader, st: _State, kind: Op) -> Step:
             value = r.uint(8)
         else:
             value = 1 << r.below(64)
-        return Step(kind, page, slot, value)
+        return Step(kind, page, word, value)
     if kind == Op.POKE_FDT:
         offset = r.below(0x40) if r.chance(60) else r.below(1 << P)
         return Step(kind, offset, r.byte())
@@ -338,7 +358,84 @@ def _old_step(r: _Reader, st: _State, kind: Op) -> Step:
         return Step(kind, first, count, name_len)
     if kind == Op.RESTORE_FOLIO:  # before any kexec: nothing was handed over
         return Step(kind, _phys_of(_pfn(r, st), P, r))
+    if kind in _API_KINDS:
+        return _api_step(r, st, kind)
     return Step(Op.KEXEC)
+
+
+def _slot(r: _Reader, st: _State, used: list[int]) -> int:
+    """Mostly a slot an earlier op filled."""
+    return used[-1 - r.below(len(used))] if used and r.chance(80) else r.small(SLOTS)
+
+
+def _alloc_size(r: _Reader, page_shift: int) -> int:
+    kind = r.pick((100, 60, 40, 20, 10))
+    if kind == 0:  # up to a few pages, byte-exact: the order rounds up
+        return 1 + r.below(4 << page_shift)
+    if kind == 1:  # a power of two, +- 1 byte: the edges of each order
+        return max(0, (1 << (page_shift + r.below(MAX_PAGE_ORDER + 3))) + r.below(3) - 1)
+    if kind == 2:
+        return 0
+    if kind == 3:
+        return 1 << r.below(64)
+    return r.uint(8)
+
+
+def _vmalloc_area(r: _Reader, st: _State) -> tuple[int, int, int, int]:
+    """(pfn, nr_pages, order, vm_flags): mostly an area vmalloc could make
+    (pages of RAM, naturally aligned blocks), sometimes one it cannot."""
+    h = st.header
+    top = geometry(h.page_shift).huge_vmap_order
+    order = 0 if r.chance(65) else r.below(top + 1)
+    kind = r.pick((140, 40, 16))
+    if kind == 0:
+        blocks = 1 + r.small(16)
+    elif kind == 1:  # past one chunk: a chunk page holds (PAGE_SIZE - 8) / 8 blocks
+        capacity = ((1 << h.page_shift) - 8) // 8
+        blocks = capacity + r.below(5) - 2
+    else:
+        blocks = 1 + r.below(MAX_VMALLOC_PAGES)
+    nr_pages = min(blocks << order, MAX_VMALLOC_PAGES)
+    s, e = h.ram[r.below(len(h.ram))]
+    pfn = _aligned(s + r.below(max(e - s - nr_pages, 1)), order)
+    flags = AREA_ALLOC | (AREA_HUGE if order else 0)
+    if r.chance(15):  # impossible areas and unsupported flags
+        pfn, nr_pages, flags = (pfn + r.below(3), nr_pages + r.below(3) - 1, r.below(AREA_FLAGS + 1))
+    return pfn, nr_pages, order, flags
+
+
+def _scratch_probe(r: _Reader, st: _State) -> tuple[int, int]:
+    """(phys, size) at the edges of a scratch area, or anywhere."""
+    if st.header.scratch and r.chance(80):
+        addr, size = st.header.scratch[r.below(len(st.header.scratch))]
+        edge = (addr, addr + size)[r.below(2)]
+        return (edge + r.below(5) - 2 - r.below(3)) & U64, r.below(4) if r.chance(60) else r.uint(8)
+    return _phys_of(_pfn(r, st), st.header.page_shift, r), r.uint(8) if r.chance(30) else 1 << r.below(40)
+
+
+_API_KINDS = frozenset({Op.ALLOC_PRESERVE, Op.UNPRESERVE_FREE, Op.PRESERVE_VMALLOC, Op.UNPRESERVE_VMALLOC,
+                        Op.IS_KHO_ENABLED, Op.IS_KHO_BOOT, Op.SCRATCH_OVERLAP, Op.RESTORE_FREE, Op.RESTORE_VMALLOC})
+
+
+def _api_step(r: _Reader, st: _State, kind: Op) -> Step:
+    """The alloc, vmalloc and query ops (either kernel)."""
+    if kind == Op.ALLOC_PRESERVE:
+        slot = r.small(SLOTS)
+        st.remember(st.alloc_slots, slot)
+        return Step(kind, slot, _alloc_size(r, st.header.page_shift))
+    if kind in (Op.UNPRESERVE_FREE, Op.RESTORE_FREE):
+        return Step(kind, _slot(r, st, st.alloc_slots))
+    if kind == Op.PRESERVE_VMALLOC:
+        slot = r.small(SLOTS)
+        st.remember(st.vmalloc_slots, slot)
+        pfn, nr_pages, order, flags = _vmalloc_area(r, st)
+        st.remember(st.ranges, (pfn, nr_pages))  # restore_pages may aim at its blocks
+        return Step(kind, slot, pfn, nr_pages, order, flags)
+    if kind in (Op.UNPRESERVE_VMALLOC, Op.RESTORE_VMALLOC):
+        return Step(kind, _slot(r, st, st.vmalloc_slots))
+    if kind == Op.SCRATCH_OVERLAP:
+        return Step(kind, *_scratch_probe(r, st))
+    return Step(kind)
 
 
 def _new_step(r: _Reader, st: _State, kind: Op) -> Step:
@@ -357,6 +454,8 @@ def _new_step(r: _Reader, st: _State, kind: Op) -> Step:
         return Step(kind, name=_name(r, st))
     if kind == Op.PRESERVE_FOLIO:  # old-kernel op in the next kernel: -EOPNOTSUPP
         return _old_step(r, st, kind)
+    if kind in _API_KINDS:
+        return _api_step(r, st, kind)
     return Step(Op.KEXEC)
 
 

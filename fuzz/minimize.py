@@ -251,8 +251,10 @@ def replay(path: Path, target: Target, as_json: bool = False) -> tuple[str, bool
     signature = verdict.divergence.signature if verdict.divergence else None
     expected = finding["signature"] if finding else None
     # A finding stays the divergence it was saved for, first or not (a quirk
-    # added since may explain it, and a known bug may now come first).
-    same = expected is not None and expected in {d.signature for d in c.divergences}
+    # added since may explain it, and a known bug may now come first); it was
+    # saved as triage's new divergence, which may be one only the model under
+    # the known findings' quirks shows.
+    same = expected is not None and (expected == signature or expected in {d.signature for d in c.divergences})
     note = source_note(finding, target)
     if as_json:
         out = {

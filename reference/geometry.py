@@ -13,6 +13,9 @@ from functools import cache
 
 # The page sizes the model covers (4, 16 and 64 KiB: every Linux architecture's).
 PAGE_SHIFTS = (12, 14, 16)
+# The page allocator's largest block order (MAX_PAGE_ORDER) on the machine
+# the native runtime stands for, at every page size.
+MAX_PAGE_ORDER = 10
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,12 @@ class Geometry:
     def max_order(self) -> int:
         """Largest order a (pfn, order) key may carry: the order bit stays at bit >= 1."""
         return 63 - self.page_shift
+
+    @property
+    def huge_vmap_order(self) -> int:
+        """Largest page order of a vmalloc mapping: a PMD, which maps a
+        table of PAGE_SIZE / 8 pages."""
+        return self.page_shift - 3
 
     def shift(self, level: int) -> int:
         """Lowest key bit indexed by a table at ``level`` (>= 1)."""

@@ -17,19 +17,25 @@ Model policies, in one place:
 - ``NextBoot.magic`` is the state at handover, before any restore;
 - new-kernel ops in a kernel without an accepted handover (before kexec, after
   a failed or refused one) find no magic and no subtrees; a second kexec and
-  old-kernel ops after kexec get -EOPNOTSUPP.
+  old-kernel ops after kexec get -EOPNOTSUPP;
+- the next kernel boots without ``kho=on``: kho_is_enabled() is false there;
+- kho_preserve_vmalloc refuses (-EINVAL) an area whose first block is at
+  physical address 0, which the chunk's zero-terminated list cannot hold;
+- kho_restore_vmalloc acts on a chunk only once its page is known to be
+  preserved; reading the old kernel's memory outside the arena is a fault
+  (the arena is all the memory the harness has: both sides fault).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 from . import quirks
-from .arena import Arena
+from .arena import Arena, Words, set_word
 from .fdt import Fdt, kho_add_subtree, kho_remove_subtree, kho_root_fdt
-from .geometry import Geometry, geometry
+from .geometry import MAX_PAGE_ORDER, Geometry, geometry
 from .image import PageFault, PageStore, memory_reader, page_reader, scratch_entries
 from .keys import (
     NUMA_ENDPOINTS,
@@ -46,15 +52,16 @@ from .keys import (
     x86_int_shift,
     x86_shl64,
 )
-from .outcome import EINVAL, ENOENT, ENOMEM, EOPNOTSUPP, ERANGE, Image, NextBoot, OpResult, Outcome, TreeNode
+from .outcome import E2BIG, EINVAL, ENOENT, ENOMEM, EOPNOTSUPP, ERANGE, SLOW_WORK, Image, NextBoot, OpResult, Outcome, TreeNode
 from .profiles import Profile
 from .program import (
+    AREA_MAPPED,
     ARENA_BASE_PHYS,
     NEW_KERNEL_OPS,
     NOT_RUN,
-    RESTORE_PAGE_LIMIT,
-    RESTORE_SKIPPED,
+    QUERY_OPS,
     U64,
+    VMALLOC_BYTES,
     WARN_CAP,
     Header,
     Op,
@@ -62,10 +69,12 @@ from .program import (
     Step,
     filler_blob,
     filler_name,
+    is_vm_area,
 )
 from .quirks import check as quirks_check
-from .scratch import SLOW_WORK, free_gib_blocks, kernel_extend_scratch
+from .scratch import free_gib_blocks, kernel_extend_scratch
 from .tree import RadixTree, TreeError, kernel_walk, leaf_bits, traverse
+from .vmalloc import CHUNK_NEXT_WORD, Descriptor, alloc_slot_word, chunk_capacity, kho_flags
 
 OK = OpResult()
 UNSUPPORTED = OpResult(-EOPNOTSUPP)
@@ -74,6 +83,9 @@ NULL = -1  # restore ops: the kernel returned NULL
 
 WARN_DEL_ABSENT = "radix-del-absent"
 WARN_BAD_MAGIC = "restore-bad-magic"
+WARN_RESTORE_FREE_NULL = "restore-free-null"
+WARN_KVMALLOC_TOO_BIG = "kvmalloc-too-big"  # the allocator refuses over INT_MAX bytes, and warns once
+INT_MAX = (1 << 31) - 1
 
 METADATA_NAME = "kexec-metadata"
 RELEASE = b"kho-conform"
@@ -85,12 +97,37 @@ SUBTREE_DATA_PROP = "preserved-data"
 SUBTREE_SIZE_PROP = "blob-size"
 
 
-class KernelFault(Exception):
-    """Under a quirk, the kernel dereferences memory that is not there."""
+class KernelStop(Exception):
+    """The kernel's code ends the run (an event): what it did before is kept."""
+
+    kind = ""
+    # Set on the way out of a next kernel that had booted: its boot, and the
+    # results of the ops before the one that stopped.
+    next_boot: NextBoot | None = None
+    done: list[OpResult] | None = None
 
 
-class KernelRunaway(Exception):
+class KernelFault(KernelStop):
+    """The kernel dereferences memory that is not there (under a quirk, or
+    where it follows a caller's pointer outside the old kernel's memory)."""
+
+    kind = "fault"
+
+
+class KernelRunaway(KernelStop):
     """Under a quirk, a kernel loop never ends."""
+
+    kind = "timeout"
+
+
+def scratch_overlap(profile: Profile, areas: Iterable[tuple[int, int]], phys: int, size: int) -> OpResult:
+    """kho_scratch_overlap(): whether [phys, phys + size) meets a scratch
+    area, in 64-bit sums (the fields are u64). A kernel without it in its
+    public API refuses the call."""
+    if not profile.scratch_overlap:
+        return UNSUPPORTED
+    end = (phys + size) & U64
+    return OpResult(0, int(any(phys < (a + n) & U64 and end > a for a, n in areas)))
 
 
 # ---- old kernel ------------------------------------------------------------
@@ -119,8 +156,9 @@ class OldKernel:
         self.fdt: Fdt | None = None
         self.fdt_phys = 0
         self.pokes: list[Step] = []
+        self.folio_orders: dict[int, int] = {}  # phys -> order of alloc_preserve's live folios
         # New-kernel ops run here see a kernel that received no handover.
-        self.no_handover = NextKernel(header, accepted=False, magic={}, fdt=None, booted=False, quirks=quirks)
+        self.no_handover = NextKernel(header, profile, accepted=False, magic={}, fdt=None, booted=False, quirks=quirks)
 
     def boot(self) -> OpResult:
         """KHO init. On failure KHO stays disabled; what was allocated no
@@ -151,6 +189,8 @@ class OldKernel:
         return OK
 
     def apply(self, step: Step) -> OpResult:
+        if step.op in QUERY_OPS:
+            return self._query(step)
         if step.op in NEW_KERNEL_OPS:
             return self.no_handover.apply(step)
         if not self.enabled or step.op == Op.KEXEC:
@@ -193,7 +233,156 @@ class OldKernel:
         if op in (Op.POKE_ARENA, Op.POKE_FDT):
             self.pokes.append(step)  # they corrupt the image at handover
             return OK
+        if op == Op.ALLOC_PRESERVE:
+            return self._alloc_preserve(a, b)
+        if op == Op.UNPRESERVE_FREE:
+            return self._unpreserve_free(a)
+        if op == Op.PRESERVE_VMALLOC:
+            return self._preserve_vmalloc(step)
+        if op == Op.UNPRESERVE_VMALLOC:
+            warnings = self._unpreserve_vmalloc(Descriptor.read(self._handover_page(), a))
+            Descriptor().write(self._handover_page(), a)  # the caller forgets it
+            return OpResult(warnings=warnings[:WARN_CAP])
         raise AssertionError(f"unhandled op {op!r}")
+
+    def _query(self, step: Step) -> OpResult:
+        if step.op == Op.IS_KHO_ENABLED:
+            return OpResult(0, int(self.enabled))
+        if step.op == Op.IS_KHO_BOOT:
+            return OpResult(0, 0)  # a cold boot
+        return scratch_overlap(self.profile, self.header.scratch, step.a, step.b)
+
+    def _handover_page(self) -> Words:
+        page = self.arena.words(ARENA_BASE_PHYS)
+        assert page is not None  # page 0 is never allocated nor freed
+        return page
+
+    def _alloc_preserve(self, slot: int, size: int) -> OpResult:
+        """kho_alloc_preserve(): a zeroed block of the smallest power-of-two
+        pages holding ``size`` bytes (at most MAX_PAGE_ORDER), preserved as a
+        folio; freed again if the preservation fails. The slot keeps the
+        memory's phys, or 0 on failure."""
+        P = self.header.page_shift
+        if not size:
+            rc, phys = -EINVAL, 0
+        elif ((size - 1) >> P).bit_length() > MAX_PAGE_ORDER:
+            rc, phys = -E2BIG, 0
+        else:
+            order = ((size - 1) >> P).bit_length()
+            phys = self.arena.alloc(order)
+            if phys is None:
+                rc, phys = -ENOMEM, 0
+            else:
+                rc = self._apply(Step(Op.PRESERVE_FOLIO, phys >> P, order)).rc
+                if rc:
+                    self.arena.free(phys, order)
+                    phys = 0
+                else:
+                    self.folio_orders[phys] = order
+        set_word(self._handover_page(), alloc_slot_word(slot), phys)
+        return OpResult(rc, phys)
+
+    def _unpreserve_free(self, slot: int) -> OpResult:
+        """kho_unpreserve_free() of the slot's memory (nothing for an empty
+        slot): unpreserve the folio and free it. The caller forgets it."""
+        page = self._handover_page()
+        phys = page.get(alloc_slot_word(slot), 0)
+        if not phys:
+            return OK
+        order = self.folio_orders.pop(phys)
+        result = self._apply(Step(Op.UNPRESERVE_FOLIO, phys >> self.header.page_shift, order))
+        self.arena.free(phys, order)
+        set_word(page, alloc_slot_word(slot), 0)
+        return result
+
+    def _new_chunk(self, previous: int | None, warnings: list[str]) -> int | None:
+        """A zeroed chunk page, itself preserved, linked after ``previous``;
+        None when the page cannot be had or preserved."""
+        phys = self.arena.alloc()
+        if phys is None:
+            return None
+        r = self._preserve_pages(phys >> self.header.page_shift, 1)
+        warnings += r.warnings
+        if r.rc:
+            self.arena.free(phys)
+            return None
+        if previous is not None:
+            set_word(self._chunk(previous), CHUNK_NEXT_WORD, phys)
+        return phys
+
+    def _chunk(self, phys: int) -> Words:
+        words = self.arena.words(phys)
+        assert words is not None, f"chunk {phys:#x} is not an allocated page"
+        return words
+
+    def _preserve_vmalloc(self, step: Step) -> OpResult:
+        """kho_preserve_vmalloc(): each block of 2^order pages preserved as a
+        page range and listed in the chunks; the descriptor filled in at the
+        end. On a failure everything is unpreserved again through the
+        descriptor as it stands (the caller zeroed it), and the caller drops
+        the descriptor."""
+        slot, pfn, nr_pages, order, vm_flags = step.a, step.b, step.c, step.d, step.e
+        page = self._handover_page()
+        Descriptor().write(page, slot)  # the caller's fresh, zeroed descriptor
+        if not is_vm_area(self.header, pfn, nr_pages, order, vm_flags):
+            return OpResult(-EINVAL)  # find_vm_area() finds no area
+        if vm_flags & AREA_MAPPED:
+            return UNSUPPORTED
+        if pfn == 0 and quirks.VMALLOC_PHYS_ZERO not in self.quirks:
+            return OpResult(-EINVAL)  # Model policy: a block at phys 0 cannot be listed
+        P = self.header.page_shift
+        warnings: list[str] = []
+        chunk = self._new_chunk(None, warnings)
+        if chunk is None:
+            return OpResult(-ENOMEM, warnings=tuple(warnings[:WARN_CAP]))  # nothing stored yet
+        first = chunk
+        Descriptor(first).write(page, slot)
+        capacity, block, index, rc = chunk_capacity(self.geo.page_size), 1 << order, 0, 0
+        for start in range(pfn, pfn + nr_pages, block):
+            r = self._preserve_pages(start, block)
+            warnings += r.warnings
+            if r.rc:
+                rc = r.rc
+                break
+            set_word(self._chunk(chunk), 1 + index, start << P)
+            index += 1
+            if index == capacity:
+                chunk = self._new_chunk(chunk, warnings)
+                if chunk is None:
+                    rc = -ENOMEM
+                    break
+                index = 0
+        if not rc:
+            Descriptor(first, nr_pages, kho_flags(vm_flags), order).write(page, slot)
+            return OpResult(0, first, warnings=tuple(warnings[:WARN_CAP]))
+        # Spec: undo exactly what this call preserved. Quirk
+        # vmalloc-rollback-order: undo through the descriptor as stored so
+        # far, whose order is still 0.
+        stored = Descriptor.read(page, slot)
+        undo = stored if quirks.VMALLOC_ROLLBACK_ORDER in self.quirks else replace(stored, order=order)
+        warnings += self._unpreserve_vmalloc(undo)
+        Descriptor().write(page, slot)  # the caller keeps no failed preservation
+        return OpResult(rc, warnings=tuple(warnings[:WARN_CAP]))
+
+    def _unpreserve_vmalloc(self, desc: Descriptor) -> list[str]:
+        """kho_unpreserve_vmalloc(): every chunk page and every block it
+        lists (2^desc.order pages each) unpreserved, the chunk pages freed.
+        The warnings of the deletions."""
+        P = self.header.page_shift
+        warnings: list[str] = []
+        chunk = desc.first
+        while chunk:
+            words = self._chunk(chunk)
+            warnings += self._apply(Step(Op.UNPRESERVE_PAGES, chunk >> P, 1)).warnings
+            for i in range(chunk_capacity(self.geo.page_size)):
+                phys = words.get(1 + i, 0)
+                if not phys:
+                    break
+                warnings += self._apply(Step(Op.UNPRESERVE_PAGES, phys >> P, 1 << desc.order)).warnings
+            following = words.get(CHUNK_NEXT_WORD, 0)
+            self.arena.free(chunk)
+            chunk = following
+        return warnings
 
     def _folio_key(self, pfn: int, order: int) -> int | None:
         """The key of a folio, or None where the model refuses it."""
@@ -298,7 +487,7 @@ class OldKernel:
         pages = PageStore({v.phys: dict(v.words) for v in visits}, self.geo.page_size)
         fdt = bytes(self.fdt.buf[: self.fdt.totalsize()])
         scratch = self.arena.page_bytes(ARENA_BASE_PHYS)[: 16 * len(self.header.scratch)]
-        other = {p: w for p, w in self.arena.content().items() if p not in pages and p != ARENA_BASE_PHYS}
+        other = {p: w for p, w in self.arena.content().items() if p not in pages}
         image = Image(self.header.page_shift, self.fdt_phys, fdt, ARENA_BASE_PHYS, scratch, pages,
                       PageStore(other, self.geo.page_size), self.arena.hwm)
         return Snapshot(self.tree.root, tree, pages, fdt, image)
@@ -308,29 +497,60 @@ class OldKernel:
 
 
 class NextKernel:
-    """A kernel after boot: the restore side of KHO."""
+    """A kernel after boot: the restore side of KHO.
 
-    def __init__(self, header: Header, accepted: bool, magic: dict[int, int], fdt: Fdt | None, booted: bool = True,
-                 quirks: frozenset[str] = frozenset()) -> None:
+    Model policy: the next kernel boots without ``kho=on`` (it restores and
+    does not hand over again): kho_is_enabled() is false there."""
+
+    def __init__(self, header: Header, profile: Profile, accepted: bool, magic: dict[int, int], fdt: Fdt | None,
+                 booted: bool = True, quirks: frozenset[str] = frozenset(), image: Image | None = None) -> None:
         self.header = header
+        self.profile = profile
         self.quirks = quirks
         self.accepted = accepted
         self.booted = booted  # False: restore ops issued where no next kernel runs
         self.magic = magic  # pfn -> order of head pages still carrying the KHO magic
         self.fdt = fdt
         self.warned = False
+        self.kvmalloc_warned = False
+        self.image = image  # the old kernel's memory, as handed over
+        self._memory: Callable[[int], Words] | None = None
+        # The scratch areas this kernel knows of: the handed-over descriptors.
+        self.scratch = scratch_entries(image.scratch) if image is not None and accepted else []
 
     def apply(self, step: Step) -> OpResult:
-        if not self.booted and step.op in NEW_KERNEL_OPS:
+        op = step.op
+        if op == Op.IS_KHO_ENABLED:
+            return OpResult(0, 0)
+        if op == Op.IS_KHO_BOOT:
+            return OpResult(0, int(self.booted and self.accepted))
+        if op == Op.SCRATCH_OVERLAP:
+            return scratch_overlap(self.profile, self.scratch, step.a, step.b)
+        if not self.booted and op in NEW_KERNEL_OPS:
             # Restore ops where no next kernel runs: nothing to restore from.
-            return OpResult(-ENOENT) if step.op == Op.RETRIEVE_SUBTREE else OpResult(NULL)
-        if step.op == Op.RESTORE_FOLIO:
+            return {Op.RETRIEVE_SUBTREE: OpResult(-ENOENT), Op.RESTORE_FREE: OK}.get(op, OpResult(NULL))
+        if op == Op.RESTORE_FOLIO:
             return self._restore_folio(step.a)
-        if step.op == Op.RESTORE_PAGES:
+        if op == Op.RESTORE_PAGES:
             return self._restore_pages(step.a, step.b)
-        if step.op == Op.RETRIEVE_SUBTREE:
+        if op == Op.RETRIEVE_SUBTREE:
             return self._retrieve(step.name)
+        if op == Op.RESTORE_FREE:
+            return self._restore_free(step.a)
+        if op == Op.RESTORE_VMALLOC:
+            return self._restore_vmalloc(step.a)
         return UNSUPPORTED  # old-kernel ops and a second kexec: no KHO state here
+
+    def _read(self, phys: int) -> Words:
+        """The page-sized span of the old kernel's memory at ``phys``; a
+        fault outside it."""
+        if self._memory is None:
+            assert self.image is not None, "a booted next kernel has the old kernel's memory"
+            self._memory = memory_reader(self.image, self.header)
+        try:
+            return self._memory(phys)
+        except PageFault as e:
+            raise KernelFault(str(e)) from None
 
     def _bad_head(self, pfn: int, restored: int = 0) -> OpResult:
         """NULL; the magic check on a RAM page warns once per kernel, whether
@@ -342,16 +562,16 @@ class NextKernel:
         return OpResult(NULL, 0, restored)
 
     def _pages(self, order: int) -> int:
-        """Pages a restored block hands to the managed count."""
+        """Struct pages a restored block initialises and hands to the managed
+        count: ``1 << order``, in int under quirk range-int-shift."""
         return x86_int_shift(order) if quirks.RANGE_INT_SHIFT in self.quirks else 1 << order
 
     def _restore_folio(self, phys: int) -> OpResult:
         pfn = phys >> self.header.page_shift
         if not self.accepted or not self.header.is_ram(pfn) or pfn not in self.magic:
             return self._bad_head(pfn)
-        if 1 << self.magic[pfn] > RESTORE_PAGE_LIMIT:
-            return OpResult(RESTORE_SKIPPED)
-        return OpResult(0, pfn, self._pages(self.magic.pop(pfn)))
+        pages = self._pages(self.magic.pop(pfn))
+        return OpResult(0, pfn, pages, may_time_out=pages & U64 > SLOW_WORK)
 
     def _restore_pages(self, phys: int, nr_pages: int) -> OpResult:
         """Model policy: expect exactly the blocks preserve_pages makes for
@@ -360,28 +580,108 @@ class NextKernel:
         (restore-pages-numa-split); each head restored by its stored order
         and never compared with the block expected (restore-trusts-page-order)."""
         pfn = phys >> self.header.page_shift
-        # The driver does not run restores that would initialise more than
-        # RESTORE_PAGE_LIMIT struct pages: a long range, or a huge block
-        # heading any page of it (the kernel restores by the stored order).
-        if nr_pages > RESTORE_PAGE_LIMIT or any(
-            pfn <= p < pfn + nr_pages and (1 << o) > RESTORE_PAGE_LIMIT for p, o in self.magic.items()
-        ):
-            return OpResult(RESTORE_SKIPPED)
         q = self.quirks
         numa = NUMA_NONE if quirks.RESTORE_PAGES_NUMA_SPLIT in q else NUMA_INSIDE
         trust = quirks.RESTORE_TRUSTS_PAGE_ORDER in q
+        unvalidated = quirks.UNVALIDATED_DOMAIN in q  # the kernel's bounds: orders to 64, the end wraps
+        end = (pfn + nr_pages) & U64 if unvalidated else pfn + nr_pages
         try:
-            blocks = list(range_blocks(pfn, pfn + nr_pages, self.header, numa, int_shift=quirks.RANGE_INT_SHIFT in q))
+            blocks = range_blocks(pfn, end, self.header, numa, kernel=unvalidated, int_shift=quirks.RANGE_INT_SHIFT in q)
+            restored = 0  # pages handed to the managed count before a failure
+            work = 0  # struct pages initialised
+            for start, order in blocks:
+                if not self.accepted or not self.header.is_ram(start) or start not in self.magic:
+                    return replace(self._bad_head(start, restored), may_time_out=work > SLOW_WORK)
+                if self.magic[start] != order and not trust:
+                    return OpResult(NULL, 0, restored, may_time_out=work > SLOW_WORK)
+                pages = self._pages(self.magic.pop(start))
+                restored += pages
+                work += pages & U64
         except RunawayLoop as e:
             raise KernelRunaway(str(e)) from None
-        restored = 0  # pages handed to the managed count before a failure
-        for start, order in blocks:
-            if not self.accepted or not self.header.is_ram(start) or start not in self.magic:
-                return self._bad_head(start, restored)
-            if self.magic[start] != order and not trust:
-                return OpResult(NULL, 0, restored)
-            restored += self._pages(self.magic.pop(start))
-        return OpResult(0, pfn, restored)
+        return OpResult(0, pfn, restored, may_time_out=work > SLOW_WORK)
+
+    def _restorable_page(self, phys: int) -> bool:
+        """Whether restore_pages(phys, 1) would succeed (nothing changes)."""
+        pfn = phys >> self.header.page_shift
+        order = self.magic.get(pfn)
+        return (self.accepted and self.header.is_ram(pfn) and order is not None
+                and (order == 0 or quirks.RESTORE_TRUSTS_PAGE_ORDER in self.quirks))
+
+    def _restore_free(self, slot: int) -> OpResult:
+        """kho_restore_free() of the alloc slot's memory (nothing for an
+        empty slot): restore the folio and free it; a folio that does not
+        restore warns."""
+        phys = self._read(ARENA_BASE_PHYS).get(alloc_slot_word(slot), 0)
+        if not phys:
+            return OK
+        r = self._restore_folio(phys)
+        if r.rc:
+            return OpResult(0, 0, 0, warnings=(*r.warnings, WARN_RESTORE_FREE_NULL))
+        return OpResult(0, 0, r.value2, may_time_out=r.may_time_out)
+
+    def _restore_vmalloc(self, slot: int) -> OpResult:
+        """kho_restore_vmalloc() of the slot's descriptor: restore every
+        chunk page and every block it lists (2^order pages each), until the
+        blocks add up to total_pages exactly, then map them in a new area.
+        ``value``: the area's pages; ``pages``: what is mapped, in order.
+        Blocks and chunks restored before a failure stay restored.
+
+        Model policy: a chunk page's content is acted on only if the page
+        was preserved (it is restored after its blocks, as the ABI lists
+        them). Quirk restore-vmalloc-trusts-descriptor: any chunk is read,
+        and blocks are 1 << order in int."""
+        P = self.header.page_shift
+        desc = Descriptor.read(self._read(ARENA_BASE_PHYS), slot)
+        total, order = desc.total_pages, desc.order
+        trusting = quirks.RESTORE_VMALLOC_TRUSTS_DESCRIPTOR in self.quirks
+        warnings: list[str] = []
+        if total * 8 > INT_MAX:  # the pages array
+            if not self.kvmalloc_warned:
+                self.kvmalloc_warned = True
+                warnings.append(WARN_KVMALLOC_TOO_BIG)
+            return OpResult(NULL, warnings=tuple(warnings))
+        block = x86_int_shift(order) & U64 if trusting else 1 << order
+        restored = work = index = 0
+        runs: list[tuple[int, int]] = []
+
+        def failed() -> OpResult:
+            return OpResult(NULL, 0, restored, warnings=tuple(warnings[:WARN_CAP]), may_time_out=work > SLOW_WORK)
+
+        def restore(phys: int, n: int) -> bool:
+            nonlocal restored, work
+            r = self._restore_pages(phys, n)
+            warnings.extend(r.warnings)
+            restored += r.value2
+            work += r.value2 & U64
+            return not r.rc
+
+        chunk = desc.first
+        while chunk:
+            if not trusting and not self._restorable_page(chunk):
+                warnings.extend(self._restore_pages(chunk, 1).warnings)  # fails, as its restore would
+                return failed()
+            words = self._read(chunk)
+            for i in range(chunk_capacity(1 << P)):
+                phys = words.get(1 + i, 0)
+                if not phys:
+                    break
+                if index + block > total or not restore(phys, block):
+                    return failed()
+                pfn = phys >> P
+                if runs and sum(runs[-1]) == pfn:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + block)
+                else:
+                    runs.append((pfn, block))
+                index += block
+            if not restore(chunk, 1):
+                return failed()
+            chunk = words.get(CHUNK_NEXT_WORD, 0)  # the chunk page is freed
+        work += total
+        if index != total or not _vm_area_fits(total << P, P + order):
+            return failed()
+        return OpResult(0, total, restored, warnings=tuple(warnings[:WARN_CAP]), may_time_out=work > SLOW_WORK,
+                        pages=tuple(runs))
 
     def _retrieve(self, name: str) -> OpResult:
         if not self.accepted or self.fdt is None:
@@ -394,6 +694,15 @@ class NextKernel:
         if data is None or data_len != 8 or size is None or size_len != 8:
             return OpResult(-EINVAL)
         return OpResult(0, _u64(data), _u64(size))
+
+
+def _vm_area_fits(size: int, shift: int) -> bool:
+    """Whether the next kernel's vmalloc space has an area of ``size`` bytes
+    mapped with pages of 2^shift bytes (the size rounded up to them)."""
+    if shift >= 64 or not size:
+        return False
+    aligned = (size + (1 << shift) - 1) & ~((1 << shift) - 1) & U64
+    return 0 < aligned <= VMALLOC_BYTES
 
 
 def _u64(data: bytes) -> int:
@@ -506,10 +815,16 @@ def restore(image: Image, steps: tuple[Step, ...] | list[Step], header: Header, 
     """Boot a next kernel on ``image`` (from the model or from the C code) and
     run ``steps`` on it. The returned ``magic`` is the state at handover."""
     next_boot, magic, fdt = handover(image, header, profile, quirks)
-    at_handover = tuple(sorted(magic.items()))
-    kernel = NextKernel(header, next_boot.accepted, dict(magic), fdt, quirks=quirks)
-    results = [kernel.apply(s) for s in steps]
-    return replace(next_boot, magic=at_handover), results
+    next_boot = replace(next_boot, magic=tuple(sorted(magic.items())))
+    kernel = NextKernel(header, profile, next_boot.accepted, dict(magic), fdt, quirks=quirks, image=image)
+    results: list[OpResult] = []
+    for step in steps:
+        try:
+            results.append(kernel.apply(step))
+        except KernelStop as e:
+            e.next_boot, e.done = next_boot, results
+            raise
+    return next_boot, results
 
 
 def run(program: Program, profile: Profile, quirks: frozenset[str] = frozenset()) -> Outcome:
@@ -533,8 +848,8 @@ def run(program: Program, profile: Profile, quirks: frozenset[str] = frozenset()
     for step in before:
         try:
             ops.append(old.apply(step))
-        except KernelRunaway as e:
-            return cut(len(ops), f"timeout: {e}")
+        except KernelStop as e:
+            return cut(len(ops), f"{e.kind}: {e}")
     if kexec is not None and old.enabled:
         old.corrupt_image()
     snap = old.snapshot()
@@ -548,8 +863,12 @@ def run(program: Program, profile: Profile, quirks: frozenset[str] = frozenset()
         else:
             try:
                 next_boot, results = restore(snap.image, after, header, profile, old.quirks)
-            except (KernelFault, KernelRunaway) as e:
-                return cut(kexec, f"{'fault' if isinstance(e, KernelFault) else 'timeout'}: {e}", snap)
+            except KernelStop as e:
+                if e.next_boot is None:  # the boot itself
+                    return cut(kexec, f"{e.kind}: {e}", snap)
+                ops.append(OK if e.next_boot.accepted else OpResult(-EINVAL))
+                ops += e.done or []
+                return cut(len(ops), f"{e.kind}: {e}", snap)
             ops.append(OK if next_boot.accepted else OpResult(-EINVAL))
             ops += results
     return Outcome(

@@ -6,9 +6,8 @@ Op result conventions (``OpResult.rc``):
 - void calls (unpreserve, del, remove_subtree, pokes): 0;
 - every old-kernel op when KHO failed to initialise: -EOPNOTSUPP, not run;
 - ``kexec``: 0 when the next kernel accepted the handover, -EINVAL when not;
-- restore ops: 0 with ``value`` = pfn of the returned page, -1 for NULL,
-  ``RESTORE_SKIPPED`` past ``RESTORE_PAGE_LIMIT`` pages; ``value2`` = pages
-  handed to the managed-page count;
+- restore ops: 0 with ``value`` = pfn of the returned page, -1 for NULL;
+  ``value2`` = pages handed to the managed-page count;
 - ``retrieve_subtree``: its return code, ``value`` = phys, ``value2`` = size.
 """
 
@@ -17,6 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+
+# Loop steps of kernel code past which the kernel may not finish within the
+# harness's CPU budget (CPU_BUDGET_SECONDS per op): the outcome is the model's,
+# or a timeout. Far below what the budget allows, so that an op that must
+# finish always does.
+SLOW_WORK = 1 << 20
 
 # Linux errno values (asm-generic/errno-base.h, errno.h) the KHO code returns.
 ENOENT = 2
@@ -39,6 +44,12 @@ class OpResult:
     # Where each warning fired. Only the count is compared: sites are
     # kernel-version specific, the count is the contract.
     warnings: tuple[str, ...] = ()
+    # restore_vmalloc: the pages mapped, as (first pfn, count) runs in order.
+    pages: tuple[tuple[int, int], ...] = ()
+    # The model's alone (not compared): the op does so much work (struct
+    # pages initialised, loop steps) that the kernel may exceed its CPU
+    # budget instead of answering.
+    may_time_out: bool = False
 
 
 @dataclass(frozen=True)

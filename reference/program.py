@@ -11,10 +11,14 @@ the kernel's C code reads is the native stage's: conformance/native/contract.py.
 
 Physical memory model shared by both implementations: the old kernel allocates
 tree nodes, the FDT page and its other pages from an *arena* of
-``arena_pages`` pages starting at ``ARENA_BASE_PHYS``. Arena page 0 holds the
-scratch descriptor array that is handed over; allocations start at arena page
-1 and take the lowest free page first. The arena is always RAM, in addition
-to the ``ram`` ranges of the header.
+``arena_pages`` pages starting at ``ARENA_BASE_PHYS``. Arena page 0 is the
+*handover page*: the scratch descriptor array, then what the program's
+caller keeps across kexec of the memory it preserved through the API (the
+pointers ``alloc_preserve`` returned and the ``struct kho_vmalloc``
+descriptors, one per slot). Allocations start at arena page 1: a single page
+is the lowest free one, a block of 2^k pages the lowest free naturally
+aligned one. The arena is always RAM, in addition to the ``ram`` ranges of
+the header.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import shlex
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from .geometry import PAGE_SHIFTS
+from .geometry import PAGE_SHIFTS, geometry
 
 ARENA_BASE_PHYS = 0x4000_0000  # 1 GiB: aligned for every supported page size
 MAX_RAM_RANGES = 8
@@ -35,10 +39,22 @@ MAX_NAME = 63  # subtree names; the packed record keeps a NUL after them
 # any pfn: outside RAM a pfn is only a number.
 MAX_RAM_PFN = 1 << 28
 MAX_ARENA_PAGES = 1 << 18
-# Restore ops re-initialise one struct page per restored page; past this many
-# pages both implementations report RESTORE_SKIPPED instead of running them.
-RESTORE_PAGE_LIMIT = 1 << 16
-RESTORE_SKIPPED = -1000
+# The handover page (arena page 0): byte offsets of the caller's slots.
+SLOTS = 16  # of each kind; ops name a slot 0..SLOTS-1
+ALLOC_SLOTS_OFFSET = 256  # u64 phys of alloc_preserve's memory, 0 for none
+VMALLOC_SLOTS_OFFSET = 512  # struct kho_vmalloc, VMALLOC_DESCRIPTOR_BYTES each
+VMALLOC_DESCRIPTOR_BYTES = 16
+# preserve_vmalloc's area: vm_flags bits, standing for the kernel's VM_*
+# flags of the area (the vmalloc allocator's, not KHO's).
+AREA_ALLOC = 1  # VM_ALLOC: made by vmalloc()
+AREA_HUGE = 2  # VM_ALLOW_HUGE_VMAP: may be mapped with huge pages (order > 0)
+AREA_MAPPED = 4  # VM_MAP: made by vmap(), which KHO does not preserve
+AREA_FLAGS = AREA_ALLOC | AREA_HUGE | AREA_MAPPED
+# The pages array of an area is built page by page: the op language's limit.
+MAX_VMALLOC_PAGES = 1 << 16
+# The next kernel's vmalloc address space, where restored areas are placed
+# (x86-64 with 4-level paging: 32 TiB).
+VMALLOC_BYTES = 1 << 45
 # The op never ran: an earlier op faulted or exhausted its CPU budget.
 NOT_RUN = -1001
 # Warnings kept per op, by both implementations: a runaway loop can warn
@@ -71,6 +87,21 @@ class Op(IntEnum):
     # name_len)`` with blob ``filler_blob(first + i)`` and size first + i,
     # stopping at the first that fails: fills the FDT page in one op.
     FILL_FDT = 17
+    # The rest of the public API (include/linux/kexec_handover.h). Queries
+    # run in either kernel; ``slot`` names a record on the handover page.
+    IS_KHO_ENABLED = 18
+    IS_KHO_BOOT = 19
+    SCRATCH_OVERLAP = 20  # kho_scratch_overlap: 7.3 on; refused (-EOPNOTSUPP) before
+    ALLOC_PRESERVE = 21  # kho_alloc_preserve(size); the memory's phys kept in alloc slot
+    UNPRESERVE_FREE = 22  # kho_unpreserve_free of the alloc slot's memory; the slot is emptied
+    RESTORE_FREE = 23  # kho_restore_free of the alloc slot's memory, in the next kernel
+    # kho_preserve_vmalloc of the area of nr_pages pages from pfn, mapped in
+    # blocks of 2^order pages, with vm_flags (AREA_*), into vmalloc slot.
+    # A (pfn, nr_pages, order, vm_flags) no vmalloc area can have is a
+    # pointer to no area (is_vm_area).
+    PRESERVE_VMALLOC = 24
+    UNPRESERVE_VMALLOC = 25  # the descriptor in the slot; the slot is emptied
+    RESTORE_VMALLOC = 26  # kho_restore_vmalloc of the slot's descriptor
 
 
 # text-form name -> (kind, operand names). "name" is the subtree name string.
@@ -85,23 +116,37 @@ OPERANDS: dict[Op, tuple[str, ...]] = {
     Op.RADIX_DEL_KEY: ("key",),
     Op.ADD_SUBTREE: ("name", "phys", "size"),
     Op.REMOVE_SUBTREE: ("phys",),
-    Op.POKE_ARENA: ("arena_page", "slot", "value"),
+    Op.POKE_ARENA: ("arena_page", "word", "value"),
     Op.POKE_FDT: ("offset", "value"),
     Op.KEXEC: (),
     Op.RESTORE_FOLIO: ("phys",),
     Op.RESTORE_PAGES: ("phys", "nr_pages"),
     Op.RETRIEVE_SUBTREE: ("name",),
     Op.FILL_FDT: ("first", "count", "name_len"),
+    Op.IS_KHO_ENABLED: (),
+    Op.IS_KHO_BOOT: (),
+    Op.SCRATCH_OVERLAP: ("phys", "size"),
+    Op.ALLOC_PRESERVE: ("slot", "size"),
+    Op.UNPRESERVE_FREE: ("slot",),
+    Op.RESTORE_FREE: ("slot",),
+    Op.PRESERVE_VMALLOC: ("slot", "pfn", "nr_pages", "order", "vm_flags"),
+    Op.UNPRESERVE_VMALLOC: ("slot",),
+    Op.RESTORE_VMALLOC: ("slot",),
 }
+# Operands with a bounded range (the parser refuses others, the decoder
+# folds into it).
+BOUNDS = {"slot": SLOTS, "vm_flags": AREA_FLAGS + 1}
 
 OLD_KERNEL_OPS = frozenset(
     {
         Op.PRESERVE_FOLIO, Op.UNPRESERVE_FOLIO, Op.PRESERVE_PAGES, Op.UNPRESERVE_PAGES,
         Op.RADIX_ADD, Op.RADIX_DEL, Op.RADIX_ADD_KEY, Op.RADIX_DEL_KEY,
         Op.ADD_SUBTREE, Op.REMOVE_SUBTREE, Op.POKE_ARENA, Op.POKE_FDT, Op.FILL_FDT,
+        Op.ALLOC_PRESERVE, Op.UNPRESERVE_FREE, Op.PRESERVE_VMALLOC, Op.UNPRESERVE_VMALLOC,
     }
 )
-NEW_KERNEL_OPS = frozenset({Op.RESTORE_FOLIO, Op.RESTORE_PAGES, Op.RETRIEVE_SUBTREE})
+NEW_KERNEL_OPS = frozenset({Op.RESTORE_FOLIO, Op.RESTORE_PAGES, Op.RETRIEVE_SUBTREE, Op.RESTORE_FREE, Op.RESTORE_VMALLOC})
+QUERY_OPS = frozenset({Op.IS_KHO_ENABLED, Op.IS_KHO_BOOT, Op.SCRATCH_OVERLAP})  # either kernel
 
 U64 = (1 << 64) - 1
 
@@ -121,17 +166,19 @@ def filler_blob(index: int, page_shift: int) -> int:
 
 @dataclass(frozen=True)
 class Step:
-    """One op. Integer operands are u64 (``a``, ``b``, ``c`` in operand order,
+    """One op. Integer operands are u64 (``a`` to ``e`` in operand order,
     skipping ``name``); ``name`` is the subtree name, or ''."""
 
     op: Op
     a: int = 0
     b: int = 0
     c: int = 0
+    d: int = 0
+    e: int = 0
     name: str = ""
 
     def operands(self) -> dict[str, int | str]:
-        values = iter((self.a, self.b, self.c))
+        values = iter((self.a, self.b, self.c, self.d, self.e))
         return {n: (self.name if n == "name" else next(values)) for n in OPERANDS[self.op]}
 
     def text(self) -> str:
@@ -139,7 +186,7 @@ class Step:
         for n, v in self.operands().items():
             if n == "name":
                 parts.append(_quote(str(v)))
-            elif n in ("order", "slot", "name_len"):
+            elif n in ("order", "word", "slot", "name_len", "vm_flags"):
                 parts.append(str(v))
             else:
                 parts.append(hex(int(v)))
@@ -173,6 +220,15 @@ class Header:
         lo, hi = self.arena_range()
         return lo <= pfn < hi or any(s <= pfn < e for s, e in self.ram)
 
+    def all_ram(self, pfn: int, n: int) -> bool:
+        """Every pfn of [pfn, pfn + n) is RAM (the ranges may abut)."""
+        end = pfn + n
+        for s, e in sorted((self.arena_range(), *self.ram)):
+            if s > pfn:
+                break
+            pfn = max(pfn, e)
+        return pfn >= end
+
     def validate(self) -> None:
         """Raise ProgramError if the header is outside what the native runtime models."""
         if self.page_shift not in PAGE_SHIFTS:
@@ -192,6 +248,19 @@ class Header:
         lo, hi = self.arena_range()
         if hi > MAX_RAM_PFN:
             raise ProgramError("arena does not fit below MAX_RAM_PFN at this page shift")
+
+
+def is_vm_area(header: Header, pfn: int, nr_pages: int, order: int, vm_flags: int) -> bool:
+    """Whether a vmalloc area can have these pages (else preserve_vmalloc
+    is handed a pointer to no area): 1..MAX_VMALLOC_PAGES pages of RAM from
+    pfn, mapped in naturally aligned blocks of 2^order pages; an order above
+    0 needs AREA_HUGE and is at most a PMD's (vmalloc maps no larger page)."""
+    if not 1 <= nr_pages <= MAX_VMALLOC_PAGES or order > geometry(header.page_shift).huge_vmap_order:
+        return False
+    if order and not vm_flags & AREA_HUGE:
+        return False
+    block = 1 << order
+    return not nr_pages % block and not pfn % block and header.all_ram(pfn, nr_pages)
 
 
 @dataclass(frozen=True)
@@ -290,6 +359,8 @@ def _parse_step(op: Op, args: list[str]) -> Step:
             x = int(v, 0)
             if not 0 <= x <= U64:
                 raise ProgramError(f"{n} {v} is not a u64")
+            if x >= BOUNDS.get(n, U64 + 1):
+                raise ProgramError(f"{n} {v}: use 0..{BOUNDS[n] - 1}")
             ints.append(x)
     if len(name.encode()) > MAX_NAME:
         raise ProgramError(f"subtree name longer than {MAX_NAME} bytes")

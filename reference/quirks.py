@@ -45,7 +45,8 @@ RESERVE_SIZE_INT_OVERFLOW = "reserve-size-int-overflow"
 # preserve/unpreserve of a folio and the direct radix API take any (pfn,
 # order): the key is computed as the kernel computes it (physical address
 # truncated to 64 bits, shift counts modulo 64), and a page range whose end
-# wraps past the top pfn is empty.
+# wraps past the top pfn is empty; page ranges (restore_pages too) are cut
+# into blocks of any order up to 64, as an unsigned long's bits allow.
 UNVALIDATED_DOMAIN = "unvalidated-domain"
 
 # The next kernel follows every table entry of the handed-over tree: an entry
@@ -58,9 +59,27 @@ NEXT_KERNEL_TRUSTS_TREE = "next-kernel-trusts-tree"
 # bookkeeping of one entry per preserved 1 GiB block outgrows early memory.
 EXTEND_SCRATCH_PER_GIB = "extend-scratch-per-gib"
 
+# A failed kho_preserve_vmalloc() unpreserves through the descriptor before
+# its order is stored: each block of 2^order pages is unpreserved as its
+# first page alone, and the blocks stay preserved.
+VMALLOC_ROLLBACK_ORDER = "vmalloc-rollback-order"
+
+# kho_preserve_vmalloc() lists a block at physical address 0, which ends the
+# chunk's zero-terminated list: the preservation succeeds, and can never be
+# restored (the list comes up short of total_pages).
+VMALLOC_PHYS_ZERO = "vmalloc-phys-zero"
+
+# kho_restore_vmalloc() trusts the caller's descriptor: it reads a chunk and
+# restores the blocks it lists before it finds out (restoring the chunk page
+# last) whether the chunk page was preserved at all: a chunk never preserved
+# is acted on, one outside the old kernel's memory faults. And it sizes the
+# blocks 1 << order in int (x86).
+RESTORE_VMALLOC_TRUSTS_DESCRIPTOR = "restore-vmalloc-trusts-descriptor"
+
 ALL = frozenset({
     NUMA_ENDPOINT_CHECK, PRESERVE_PAGES_ROLLBACK, RESTORE_PAGES_NUMA_SPLIT, RESTORE_TRUSTS_PAGE_ORDER,
     RANGE_INT_SHIFT, RESERVE_SIZE_INT_OVERFLOW, UNVALIDATED_DOMAIN, NEXT_KERNEL_TRUSTS_TREE, EXTEND_SCRATCH_PER_GIB,
+    VMALLOC_ROLLBACK_ORDER, VMALLOC_PHYS_ZERO, RESTORE_VMALLOC_TRUSTS_DESCRIPTOR,
 })
 
 

@@ -27,9 +27,6 @@ from .program import U64
 
 GIB_SHIFT = 30
 GIB = 1 << GIB_SHIFT
-# Kernel loop iterations past which the kernel may not finish within the
-# harness's CPU budget: the outcome is the model's, or a timeout.
-SLOW_WORK = 1 << 20
 
 
 def free_gib_blocks(busy: Iterable[tuple[int, int]], end_of_dram: int) -> list[tuple[int, int]]:

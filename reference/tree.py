@@ -150,7 +150,8 @@ class RadixTree:
         return True
 
     def nodes(self) -> Iterator[Visit]:
-        return traverse(self.root, self.geo, self.arena.words, strict=False)
+        """The tree as memory shows it (after pokes, wherever entries point)."""
+        return traverse(self.root, self.geo, self.arena.read, strict=False)
 
 
 WALK_LIMIT = 1 << 22  # keys and nodes of a walk beyond which the next kernel is taken to run away

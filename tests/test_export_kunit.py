@@ -111,6 +111,9 @@ def _finding(tmp_path, program: str, first: dict, profile: str = "kho-v4"):
     ("page_shift 12\n---\npreserve_pages 0x0 0x20\npreserve_folio 0x10 4\n", {"check": "tree"}, "shares pages"),
     ("page_shift 12\n---\npreserve_folio 0x1fffffffff0000 0\n", {"check": "ops"}, "outside the key domain"),
     ("page_shift 12\nnuma 0x0 0\nnuma 0x8 1\n---\npreserve_pages 0x0 0x10\n", {"check": "tree"}, "NUMA"),
+    ("page_shift 12\n---\nis_kho_enabled\nalloc_preserve 0 0x1000\n", {"check": "tree"}, "allocator"),
+    ("page_shift 12\n---\npreserve_vmalloc 0 0x1000 8 0 1\n", {"check": "tree"}, "allocator"),
+    ("page_shift 12\n---\nfill_fdt 0 100 63\n", {"check": "fdt"}, "not exported"),
 ])
 def test_what_one_kernel_cannot_show_is_refused_in_one_line(tmp_path, program, first, why):
     with pytest.raises(KhoConformError) as e:

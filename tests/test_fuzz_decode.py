@@ -8,9 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzz import seeds
 from fuzz.decode import decode
 from reference.geometry import PAGE_SHIFTS
-from reference.program import ARENA_BASE_PHYS, MAX_NAME, Op, parse_program
+from reference.program import ARENA_BASE_PHYS, MAX_NAME, VMALLOC_SLOTS_OFFSET, Op, is_vm_area, parse_program
 
 SEEDS = sorted((Path(__file__).resolve().parent.parent / "corpus" / "seeds").glob("*.bin"))
 
@@ -78,6 +79,25 @@ def test_domain_coverage(page_shift):
             "big arena": h.arena_pages >= 1024,
             "second kexec": sum(s.op == Op.KEXEC for s in steps) >= 2,
             "long program": len(steps) >= 35,
+            "alloc size at an order edge": any(s.op == Op.ALLOC_PRESERVE and s.b > 1 and (s.b - 1) & s.b == 0
+                                               for s in steps),
+            "alloc past the largest order": any(s.op == Op.ALLOC_PRESERVE and s.b > 1 << (page_shift + 10)
+                                                for s in steps),
+            "restore_free of an allocation": any(s.op == Op.RESTORE_FREE and s.a in
+                                                 {a.a for a in steps[:k] if a.op == Op.ALLOC_PRESERVE} for s in after),
+            "vmalloc of huge pages": any(s.op == Op.PRESERVE_VMALLOC and s.d > 0 for s in steps),
+            "vmalloc past one chunk": any(s.op == Op.PRESERVE_VMALLOC and s.c >> s.d >= (1 << page_shift) // 8
+                                          for s in steps),
+            "vmalloc of no area": any(s.op == Op.PRESERVE_VMALLOC and not is_vm_area(h, s.b, s.c, s.d, s.e)
+                                      for s in steps),
+            "restore_vmalloc of a preservation": any(
+                s.op == Op.RESTORE_VMALLOC and s.a in {v.a for v in steps[:k] if v.op == Op.PRESERVE_VMALLOC}
+                for s in after),
+            "poke of a descriptor": any(s.op == Op.POKE_ARENA and s.a == 0 and s.b >= VMALLOC_SLOTS_OFFSET // 8
+                                        for s in steps),
+            "scratch overlap at an edge": any(s.op == Op.SCRATCH_OVERLAP and any(
+                abs(s.a - e) <= 2 for a, z in h.scratch for e in (a, a + z)) for s in steps),
+            "queries": any(s.op in (Op.IS_KHO_BOOT, Op.IS_KHO_ENABLED) for s in steps),
         })
     missing = [name for name, n in seen.items() if n == 0]
     assert not missing, f"never generated: {missing}"
@@ -98,10 +118,21 @@ def test_there_are_seeds():
     assert len(SEEDS) >= 15
 
 
-def test_seeds_cover_every_op():
+@pytest.mark.parametrize("seed", SEEDS, ids=[s.name for s in SEEDS])
+def test_each_seed_shows_what_its_name_says(seed):
     """The seeds are fuzzer bytes: a decoder change silently changes what they
-    mean. Together they must still exercise every op and a restore of what
-    was preserved."""
+    mean. Each must still decode to a program with its named property
+    (`make seeds` finds new bytes for those that lost it)."""
+    assert seed.stem in seeds.SEEDS, f"{seed.name}: no property in fuzz/seeds.py"
+    assert seeds.shows(seed.stem, seed.read_bytes()), f"{seed.name} lost its property: run `make seeds`"
+
+
+def test_every_seed_property_has_a_seed():
+    assert {s.stem for s in SEEDS} == set(seeds.SEEDS)
+
+
+def test_seeds_cover_every_op():
+    """Together the seeds exercise every op and a restore of what was preserved."""
     programs = [decode(s.read_bytes(), 12) for s in SEEDS]
     assert {s.op for p in programs for s in p.steps} == set(Op)
     assert any(p.kexec_index() is not None and any(

@@ -14,6 +14,7 @@ from conformance.native.build import build
 from conformance.source import fetch, from_tree
 from conformance.source.tree_files import KHO_C
 
+
 @pytest.fixture
 def broken_tree(tmp_path):
     """7.2's files with one statement that does not compile."""

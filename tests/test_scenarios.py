@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import pytest
 
-from conformance.programs.scenarios import allocations, by_name, scenarios
+from conformance.programs.scenarios import HUGE_FOLIO_ORDERS, HUGE_RANGE_ORDERS, allocations, by_name, scenarios
 from reference.geometry import PAGE_SHIFTS
 from reference.program import NOT_RUN, Op, Program, parse_program
 
@@ -34,7 +34,15 @@ FIXED = {
     "scenario.subtree-overflow", "scenario.fdt-edge", "scenario.restore-pages-numa", "scenario.range-2^40",
     "scenario.corrupt-bad-magic", "scenario.corrupt-compatible", "scenario.corrupt-truncated-property",
     "scenario.corrupt-pointer-outside-ram", "scenario.corrupt-tree-loop",
+    *(f"scenario.restore-huge-folio-{k}" for k in HUGE_FOLIO_ORDERS),
+    *(f"scenario.restore-huge-pages-{k}" for k in HUGE_RANGE_ORDERS),
+    "scenario.api-queries", "scenario.api-queries-refused", "scenario.api-queries-kho-off",
+    "scenario.alloc-preserve", "scenario.vmalloc",
+    *(f"scenario.vmalloc-corrupt-{k}" for k in ("total", "order", "order-40", "first-null", "first-unpreserved")),
 }
+# Fault-injection sweeps: one scenario per allocation after boot (from 1 for
+# the base program, whose boot allocations fail KHO init).
+SWEEPS = ("scenario.alloc-failure-", "scenario.alloc-preserve-failure-", "scenario.vmalloc-failure-")
 CLEAN = ("scenario.empty-tree", "scenario.pfn-zero", "scenario.subtrees", "scenario.every-order",
          "scenario.subtree-overflow")
 EINVAL = -22
@@ -52,7 +60,13 @@ def test_library_shape(ps):
     failures = sorted(int(n.rsplit("-", 1)[1]) for n in names if n.startswith("scenario.alloc-failure-"))
     base = by_name(ps)["scenario.alloc-failure-1"].program
     assert failures == list(range(1, allocations(replace(base, header=replace(base.header, fail_alloc=0))) + 1))
-    assert set(names) == FIXED | {f"scenario.alloc-failure-{n}" for n in failures}
+    swept = {n for n in names if n.startswith(SWEEPS)}
+    assert set(names) == FIXED | swept
+    for prefix in SWEEPS[1:]:
+        numbers = sorted(int(n.rsplit("-", 1)[1]) for n in swept if n.startswith(prefix))
+        assert numbers and numbers == list(range(numbers[0], numbers[-1] + 1)), prefix
+        last = by_name(ps)[f"{prefix}{numbers[-1]}"].program
+        assert allocations(replace(last, header=replace(last.header, fail_alloc=0))) == numbers[-1], prefix
     for s in lib:
         assert re.fullmatch(r"scenario\.[a-z0-9^.-]+", s.name), s.name
         assert s.description

@@ -136,8 +136,11 @@ class Comparison:
         return self.divergences[0] if self.divergences else None
 
 
+_OP_FIELDS = ("rc", "value", "value2", "warnings", "pages")
+
+
 def _op_view(r: OpResult) -> tuple:
-    return (r.rc, r.value, r.value2, len(r.warnings))
+    return (r.rc, r.value, r.value2, len(r.warnings), r.pages)
 
 
 def _next_view(n: NextBoot | None) -> dict | None:
@@ -210,11 +213,11 @@ def _diff(program: Program, exp: Outcome, act: Outcome, target: Target, cmp: Com
     for r in act.reports:  # undefined behaviour has no model: every report is a divergence
         add("sanitizer", r.op, r.kind, "no report", r.where() + (f": {r.detail}" if r.detail else ""))
         out[-1] = replace(out[-1], signature=_signature("sanitizer", r.kind, None, "", r.site), site=r.site)
-    for name, e, a in zip(("rc", "value", "value2", "warnings"), _op_view(exp.boot), _op_view(act.boot)):
+    for name, e, a in zip(_OP_FIELDS, _op_view(exp.boot), _op_view(act.boot)):
         if e != a:
             add("boot", None, name, e, a)
     cut = _events_view(act) or _events_view(exp)
-    foreseen = exp.next is not None and exp.next.may_time_out and cut == (("timeout", program.kexec_index()),)
+    foreseen = bool(cut) and cut[0][0] == "timeout" and _may_time_out(program, exp, cut[0][1])
     if _events_view(exp) != _events_view(act) and not foreseen:
         # What ended a run early is the divergence; the op it cut short and
         # the ones after it never ran. Expected: the model's answer for that op.
@@ -227,7 +230,7 @@ def _diff(program: Program, exp: Outcome, act: Outcome, target: Target, cmp: Com
             break
         if i in voided:
             continue
-        for name, e, a in zip(("rc", "value", "value2", "warnings"), _op_view(re_), _op_view(ra)):
+        for name, e, a in zip(_OP_FIELDS, _op_view(re_), _op_view(ra)):
             if e != a:
                 add("ops", i, name, e, a)
                 break
@@ -252,6 +255,16 @@ def _diff(program: Program, exp: Outcome, act: Outcome, target: Target, cmp: Com
                 add("next", kexec, key, e, a)
                 break
     return out
+
+
+def _may_time_out(program: Program, exp: Outcome, at: int | None) -> bool:
+    """The model foresaw that op ``at`` (the kexec: the next kernel's boot)
+    may outlast the kernel's CPU budget."""
+    if at is None:
+        return False
+    if at == program.kexec_index():
+        return exp.next is not None and exp.next.may_time_out
+    return at < len(exp.ops) and exp.ops[at].may_time_out
 
 
 def _first_difference(name: str, exp: Outcome, act: Outcome) -> tuple[tuple[str, object], object]:
@@ -312,10 +325,10 @@ def _cross_handover(program: Program, exp: Outcome, act: Outcome, target: Target
         at = k + (r.op or 0)
         out.append(Divergence("handover:model-image", at, program.steps[at].text(), r.kind, "no report", _short(r.where()),
                               _signature("sanitizer", r.kind, None, "", r.site), r.site))
-    if c.events and _event_kind(c.events[0]) == "timeout" and c.event_ops[0] == 0 and exp.next and exp.next.may_time_out:
-        pass  # a boot the model foresaw could outlast the CPU budget
+    at = k + (c.event_ops[0] or 0) if c.events else k
+    if c.events and _event_kind(c.events[0]) == "timeout" and _may_time_out(program, exp, at):
+        pass  # an op the model foresaw could outlast the CPU budget
     elif c.events:  # the event is the answer; what it cut short is not
-        at = k + (c.event_ops[0] or 0)
         step = program.steps[at]
         out.append(Divergence("handover:model-image", at, step.text(), "event", "()", _short(c.events[0]),
                               _signature("events", "event", step, (), c.events[0])))

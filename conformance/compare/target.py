@@ -24,10 +24,11 @@ class Target:
 
 def target_for(build: Build) -> Target:
     try:
-        profile = select_profile(build.compatible, build.api == "key")
+        profile = select_profile(build.compatible, build.api == "key", build.scratch_overlap)
     except KeyError:
+        public = "with" if build.scratch_overlap else "without"
         raise KhoConformError(
             f"kernel {build.source.version} uses compatible '{build.compatible}' with the {build.api} API, "
-            "which no model profile covers; add one in reference/profiles.py"
+            f"{public} kho_scratch_overlap(), which no model profile covers; add one in reference/profiles.py"
         ) from None
     return Target(NativeKernel(build), profile, build)

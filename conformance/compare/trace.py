@@ -21,10 +21,14 @@ def _result(r: OpResult | None) -> str:
         parts.append(f"v={r.value:#x}")
     if r.value2:
         parts.append(f"v2={r.value2:#x}")
+    if r.pages:
+        parts.append("pages=" + ",".join(f"{pfn:#x}+{n:#x}" for pfn, n in r.pages))
     if r.warnings:
         # "function:line" only: a kernel site also carries its WARN condition, a
         # piece of kernel source that findings (committed files) must not hold.
         parts.append("warn=" + ",".join(":".join(w.split(":")[:2]) for w in r.warnings))
+    if r.may_time_out:
+        parts.append("(may outlast the CPU budget)")
     return " ".join(parts)
 
 

@@ -93,7 +93,7 @@ class NativeKernel:
             return text[off : text.index(b"\0", off)].decode(errors="replace")
 
         boot_rc, boot_warn = 0, []
-        ops: list[list] = [[NOT_RUN, 0, 0, []] for _ in range(nsteps)]
+        ops: list[list] = [[NOT_RUN, 0, 0, [], []] for _ in range(nsteps)]
         events, event_ops, log, reports = [], [], [], []
         state = None
         kexec_at = 0 if foreign else None
@@ -128,7 +128,9 @@ class NativeKernel:
                 nxt["magic"].append((a, b))
             elif kind == Rec.PHANTOM:
                 nxt["phantom"].append(a)
-        results = tuple(OpResult(rc, v, v2, tuple(w)) for rc, v, v2, w in ops)
+            elif kind == Rec.VMAP:
+                ops[op][4].append((a, b))
+        results = tuple(OpResult(rc, v, v2, tuple(w), tuple(p)) for rc, v, v2, w, p in ops)
         next_boot = None
         if kexec_at is not None and results[kexec_at].rc != -EOPNOTSUPP:
             accepted = results[kexec_at].rc == 0
@@ -183,7 +185,7 @@ class NativeKernel:
         tree, node_pages = _canonical_tree(root_phys, page, self.page_shift)
         scratch = (page(ARENA_BASE_PHYS) or b"")[: 16 * len(header.scratch)]
         zero = bytes(ps)
-        other = {ARENA_BASE_PHYS + i * ps: raw[i * ps : (i + 1) * ps] for i in range(1, n[0])}
+        other = {ARENA_BASE_PHYS + i * ps: raw[i * ps : (i + 1) * ps] for i in range(n[0])}
         other = {p: data for p, data in other.items() if p not in node_pages and data != zero}
         image = Image(self.page_shift, fdt_phys, fdt, ARENA_BASE_PHYS, scratch, node_pages, other, arena_hwm)
         return {"root_phys": root_phys, "tree": tree, "node_pages": node_pages, "fdt": fdt, "image": image}

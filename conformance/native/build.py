@@ -59,6 +59,7 @@ class Build:
     compatible: str
     doc_compatible: str
     unit_bytes: int
+    scratch_overlap: bool  # the tree defines kho_scratch_overlap() (public API since 7.3)
     kept: list[tuple[str, int, int]] = field(default_factory=list)  # (names, first line, last line) in KHO_C
     dropped: list[tuple[str, str]] = field(default_factory=list)
     # KHO_C line -> (function, hash of the line's text): sanitizer sites that
@@ -102,7 +103,8 @@ def save_bundle(b: Build, directory: Path) -> Path:
     meta = {
         "source": b.source.identity(),
         "build": {"flavor": b.flavor, "compiler": b.compiler, "api": b.api, "compatible": b.compatible,
-                  "doc_compatible": b.doc_compatible, "unit_bytes": b.unit_bytes, "kept": b.kept, "sites": b.sites},
+                  "doc_compatible": b.doc_compatible, "unit_bytes": b.unit_bytes, "scratch_overlap": b.scratch_overlap,
+                  "kept": b.kept, "sites": b.sites},
         "page_shift": b.page_shift,
     }
     (directory / BUNDLE_META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -241,7 +243,8 @@ def _compile(source: KernelSource, page_shift: int, flavor: str, cc: str, work: 
     run_compiler([cc, "-shared", *strict_link, "-o", str(work / "libkho.so"), *map(str, objs), "-ldl", "-lc"], "the library")
     return {
         "compiler": cc, "api": ex.api, "compatible": ex.compatible, "doc_compatible": ex.doc_compatible,
-        "unit_bytes": len(ex.unit.encode()), "kept": ex.kept, "dropped": ex.dropped,
+        "unit_bytes": len(ex.unit.encode()), "scratch_overlap": ex.features["KC_HAS_SCRATCH_OVERLAP"] == "1",
+        "kept": ex.kept, "dropped": ex.dropped,
         "sites": _sites(source.root / KHO_C, ex.kept),
     }
 

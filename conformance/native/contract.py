@@ -22,10 +22,16 @@ import struct
 from collections.abc import Iterable
 from enum import IntEnum
 
+from reference.geometry import MAX_PAGE_ORDER
 from reference.image import memory_pages
 from reference.outcome import ERRNO, Image
 from reference.program import (
+    ALLOC_SLOTS_OFFSET,
+    AREA_ALLOC,
+    AREA_HUGE,
+    AREA_MAPPED,
     ARENA_BASE_PHYS,
+    BOUNDS,
     FILLER_BLOB_BASE,
     FILLER_PAD,
     FILLER_PREFIX,
@@ -36,12 +42,16 @@ from reference.program import (
     MAX_RAM_RANGES,
     MAX_SCRATCH,
     NOT_RUN,
-    RESTORE_PAGE_LIMIT,
-    RESTORE_SKIPPED,
+    SLOTS,
     U64,
+    VMALLOC_BYTES,
+    VMALLOC_DESCRIPTOR_BYTES,
+    VMALLOC_SLOTS_OFFSET,
     WARN_CAP,
     Op,
     Program,
+    ProgramError,
+    is_vm_area,
 )
 
 
@@ -60,6 +70,7 @@ class Rec(IntEnum):
     STATE = 10  # a = root phys, b = fdt phys, c = arena high-water mark (pages)
     BOOT = 11  # a = rc of the old kernel's KHO init
     SANITIZER = 12  # a = text offset of "kind\tfile\tline\tcolumn\tdetail", b = 1 if it ended the op (ASan), c = code address
+    VMAP = 13  # a = first pfn, b = count: a run of pages a restored vmalloc area maps, in order
 
 
 class Memblock(IntEnum):
@@ -77,7 +88,6 @@ OP_BOOT = 0xFFFFFFFF  # a record's op index outside any op: boot, or the end sta
 # a sanitizer build gets this many times more.
 CPU_BUDGET_SECONDS = 1
 SANITIZER_SLOWDOWN = 4
-RESTORE_ORDER_LIMIT = RESTORE_PAGE_LIMIT.bit_length() - 1  # restores of larger blocks are skipped
 
 _CTYPES = {"u32": ("kc_u32", "I"), "u64": ("kc_u64", "Q"), "range": ("struct kc_range", "QQ"), "char": ("char", "s")}
 Field = tuple[str, str, int]  # name, type, count (0: a scalar)
@@ -90,7 +100,10 @@ HEADER_FIELDS: tuple[Field, ...] = (
     ("scratch", "range", MAX_SCRATCH),  # phys, size
 )
 STEP_FIELDS: tuple[Field, ...] = (
-    ("op", "u32", 0), ("pad", "u32", 0), ("a", "u64", 0), ("b", "u64", 0), ("c", "u64", 0),
+    # is_vm_area: preserve_vmalloc's operands describe a vmalloc area
+    # (reference.program.is_vm_area, decided here once for both sides)
+    ("op", "u32", 0), ("is_vm_area", "u32", 0),
+    ("a", "u64", 0), ("b", "u64", 0), ("c", "u64", 0), ("d", "u64", 0), ("e", "u64", 0),
     ("name", "char", MAX_NAME + 1),
 )
 REC_FIELDS: tuple[Field, ...] = (("kind", "u32", 0), ("op", "u32", 0), ("a", "u64", 0), ("b", "u64", 0), ("c", "u64", 0))
@@ -126,7 +139,13 @@ def pack_program(p: Program) -> bytes:
     out = [HEADER.pack(h.page_shift, len(h.ram), len(h.numa), len(h.scratch), h.fail_alloc, h.arena_pages,
                        *_pairs(h.ram, MAX_RAM_RANGES), *_pairs(h.numa, MAX_NUMA_RANGES),
                        *_pairs(h.scratch, MAX_SCRATCH))]
-    out += [STEP.pack(int(s.op), 0, s.a & U64, s.b & U64, s.c & U64, s.name.encode()) for s in p.steps]
+    for s in p.steps:
+        for name, value in s.operands().items():
+            if name in BOUNDS and not 0 <= int(value) < BOUNDS[name]:
+                raise ProgramError(f"{s.text()}: {name} must be below {BOUNDS[name]}")
+        area = s.op == Op.PRESERVE_VMALLOC and is_vm_area(h, s.b, s.c, s.d, s.e)
+        out.append(STEP.pack(int(s.op), int(area), s.a & U64, s.b & U64, s.c & U64, s.d & U64, s.e & U64,
+                             s.name.encode()))
     return b"".join(out)
 
 
@@ -171,9 +190,6 @@ def c_header() -> str:
 #define KC_MAX_NUMA_RANGES {MAX_NUMA_RANGES}
 #define KC_MAX_SCRATCH {MAX_SCRATCH}
 #define KC_MAX_NAME {MAX_NAME}
-#define KC_RESTORE_PAGE_LIMIT {RESTORE_PAGE_LIMIT}ULL
-#define KC_RESTORE_ORDER_LIMIT {RESTORE_ORDER_LIMIT}
-#define KC_RESTORE_SKIPPED ({RESTORE_SKIPPED})
 #define KC_NOT_RUN ({NOT_RUN})
 #define KC_WARN_CAP {WARN_CAP}
 #define KC_OP_BOOT {OP_BOOT:#x}u
@@ -182,6 +198,15 @@ def c_header() -> str:
 #define KC_FILLER_PREFIX "{FILLER_PREFIX}"
 #define KC_FILLER_PAD '{FILLER_PAD}'
 #define KC_FILLER_BLOB_BASE {FILLER_BLOB_BASE:#x}ULL
+#define KC_MAX_PAGE_ORDER {MAX_PAGE_ORDER}
+#define KC_SLOTS {SLOTS}
+#define KC_ALLOC_SLOTS_OFFSET {ALLOC_SLOTS_OFFSET}
+#define KC_VMALLOC_SLOTS_OFFSET {VMALLOC_SLOTS_OFFSET}
+#define KC_VMALLOC_DESCRIPTOR_BYTES {VMALLOC_DESCRIPTOR_BYTES}
+#define KC_AREA_ALLOC {AREA_ALLOC}
+#define KC_AREA_HUGE {AREA_HUGE}
+#define KC_AREA_MAPPED {AREA_MAPPED}
+#define KC_VMALLOC_BYTES {VMALLOC_BYTES:#x}ULL
 {errnos}
 {_c_enum("kc_op", "KC_", ((k.name, int(k)) for k in Op))}
 {_c_enum("kc_rec_kind", "KC_REC_", ((k.name, int(k)) for k in Rec))}

@@ -65,10 +65,13 @@ ENTRY_POINTS = (
     "kho_populate", "kho_memory_init_early", "kho_memory_init", "is_kho_boot", "kho_is_enabled",
     "kho_restore_folio", "kho_restore_pages", "kho_retrieve_subtree",
     "kho_radix_encode_key", "kho_encode_radix_key", "kho_radix_decode_key", "kho_decode_radix_key",
+    "kho_scratch_overlap", "kho_alloc_preserve", "kho_unpreserve_free", "kho_restore_free",
+    "kho_preserve_vmalloc", "kho_unpreserve_vmalloc", "kho_restore_vmalloc",
 )
 
 _GNU_NOISE = re.compile(r"\b(__extension__|__inline__|__inline|__restrict__|__restrict)\b")
-_TYPEOF = re.compile(r"\b__typeof__\s*\((?:[^()]|\([^()]*\))*\)")
+_TYPEOF = re.compile(r"\b(?:__typeof__|typeof)\s*\((?:[^()]|\([^()]*\))*\)")
+_IDENT = re.compile(r"\b[A-Za-z_]\w*\b")
 _LINE_MARKER = re.compile(r'^# (\d+) "([^"]*)"')
 
 
@@ -221,6 +224,25 @@ def _strip_gnu(text: str) -> str:
     return _TYPEOF.sub("int", _GNU_NOISE.sub("", "".join(out)))
 
 
+def _lift_statement_exprs(text: str) -> tuple[str, set[str]]:
+    """GNU statement expressions ``({ ... })`` (the KHOSER_* macros) replaced
+    by ``(0)`` for pycparser, which has none; the identifiers inside count as
+    references."""
+    out, names, i = [], set(), 0
+    while (start := text.find("({", i)) >= 0:
+        depth, j = 0, start
+        while j < len(text):
+            depth += {"(": 1, "{": 1, ")": -1, "}": -1}.get(text[j], 0)
+            j += 1
+            if depth == 0:
+                break
+        out.append(text[i:start] + "(0)")
+        names |= set(_IDENT.findall(text[start:j]))
+        i = j
+    out.append(text[i:])
+    return "".join(out), names
+
+
 class _Refs(c_ast.NodeVisitor):
     def __init__(self) -> None:
         self.names: set[str] = set()
@@ -279,7 +301,7 @@ def analyse(items: list[Item]) -> None:
     parser = c_parser.CParser()
     typedefs: list[str] = []
     for item in items:
-        text = _strip_gnu(item.text)
+        text, lifted = _lift_statement_exprs(_strip_gnu(item.text))
         prelude = "".join(f"typedef int {t};\n" for t in typedefs)
         try:
             ast = parser.parse(prelude + text, filename=item.file)
@@ -291,7 +313,7 @@ def analyse(items: list[Item]) -> None:
                 item.defines |= _defined_names(node)
                 refs = _Refs()
                 refs.visit(node)
-                item.refs |= refs.names
+                item.refs |= refs.names | lifted
         typedefs.extend(sorted(_typedef_names(item.text) - set(typedefs)))
 
 
@@ -381,7 +403,9 @@ def extract(root: Path, work: Path, page_shift: int, cc: str) -> Extraction:
     encode = "kho_encode_radix_key" if "kho_encode_radix_key" in main_defs else "kho_radix_encode_key"
     decode = "kho_decode_radix_key" if "kho_decode_radix_key" in main_defs else "kho_radix_decode_key"
     features = {"KC_KEY_API": "1" if api == "key" else "0", "KC_ENCODE_KEY": encode, "KC_DECODE_KEY": decode,
-                "KC_HAS_MEMORY_INIT_EARLY": "1" if "kho_memory_init_early" in main_defs else "0"}
+                "KC_HAS_MEMORY_INIT_EARLY": "1" if "kho_memory_init_early" in main_defs else "0",
+                # public since 7.3; before, only a debug-build helper of the internal header
+                "KC_HAS_SCRATCH_OVERLAP": "1" if "kho_scratch_overlap" in main_defs else "0"}
     glob = _file_globals(kept, KHO_C)
     code_compat, doc_compat = _compat(root)
     unit = _blank_unreached(staged / KHO_C, items, kept)

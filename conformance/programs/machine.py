@@ -13,12 +13,14 @@ Strategies that depend on the page shift are drawn from the machine itself
 (``st.runner()``), so one class serves every target.
 
 Domain (mostly realistic, as a caller of the KHO API would use it): folios of
-order 0..12 aligned in RAM, page ranges of up to 4096 pages, neither
-overlapping each other nor the arena or the scratch area; the standard
-layout with a NUMA boundary drawn per example (aligned or not); a small
-chance of edge values: pfn 0 comes for free, huge orders at the top of the
-pfn space, unpreserving what was never preserved, preserving the same folio
-twice.
+order 0..12 aligned in RAM, page ranges of up to 4096 pages and vmalloc areas
+(blocks of up to a PMD, sometimes more than a chunk holds), neither
+overlapping each other nor the arena or the scratch area; kho_alloc_preserve
+of any size up to past the largest order; the queries, in both kernels; the
+standard layout with a NUMA boundary drawn per example (aligned or not); a
+small chance of edge values: pfn 0 comes for free, huge orders at the top of
+the pfn space, unpreserving what was never preserved, preserving the same
+folio twice.
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from reference.geometry import geometry
-from reference.program import Header, Op, Program, Step
+from reference.geometry import MAX_PAGE_ORDER, geometry
+from reference.program import AREA_ALLOC, AREA_HUGE, SLOTS, Header, Op, Program, Step
+from reference.vmalloc import chunk_capacity
 
 from ..compare.diff import Comparison, Divergence, compare
 from ..compare.target import Target
 from ..compare.triage import triage
-from .layouts import RAM_PFNS, busy_pfns, standard_header
+from .layouts import RAM_PFNS, SCRATCH, busy_pfns, standard_header
 
 DENSE_PFNS = 0x2000  # most ops land here, so that they share tree nodes
 ARENA_PAGES = 512
@@ -143,6 +146,15 @@ RANGE_SPEC = st.tuples(ANYWHERE, st.one_of(st.integers(1, 64), st.integers(1, MA
                        _rare(st.none(), st.integers(1, 64), 4))
 NAMES = st.one_of(st.sampled_from(SUBTREE_NAMES),
                   st.text("abcdefghijklmnopqrstuvwxyz0123456789-_.", min_size=1, max_size=40))
+ALLOC_SIZES = _per_target(lambda m: _rare(
+    st.integers(1, 4 << m.P),
+    st.one_of(st.just(0), st.integers(-1, 1).map(lambda d: (1 << (m.P + MAX_PAGE_ORDER)) + d)), 8))
+# (where, blocks, around_a_chunk, huge): ``blocks`` blocks, or with
+# ``around_a_chunk`` that many more than a chunk page lists; huge: PMD blocks
+VMALLOC_SPEC = st.tuples(ANYWHERE, st.integers(1, 16), _rare(st.none(), st.integers(-2, 2), 8),
+                         _rare(st.just(False), st.just(True), 4))
+SCRATCH_PROBES = st.tuples(st.sampled_from([SCRATCH[0], SCRATCH[0] + SCRATCH[1]]), st.integers(-2, 2),
+                           st.one_of(st.integers(0, 4), st.integers(0, (1 << 64) - 1)))
 BOUNDARIES = st.one_of(
     st.sampled_from([0x8000, 0x2_0000, 0x8_0000]),  # section-aligned, as on real machines
     st.integers(1, DENSE_PFNS),  # anywhere among the ops: crosses ranges at odd places
@@ -159,6 +171,8 @@ class KhoMachine(RuleBasedStateMachine):
     folios = Bundle("folios")  # (pfn, order) really preserved
     ranges = Bundle("ranges")  # (pfn, nr_pages) really preserved
     subtrees = Bundle("subtrees")  # (name, phys) added (or refused: -EEXIST)
+    allocations = Bundle("allocations")  # alloc slots kho_alloc_preserve wrote
+    areas = Bundle("areas")  # (slot, pfn, nr_pages) of vmalloc preservations
 
     def __init__(self) -> None:
         super().__init__()
@@ -168,10 +182,11 @@ class KhoMachine(RuleBasedStateMachine):
         self.kexeced = False
         self.boundary = 0x8_0000
         self.free = _Free(busy_pfns(self.header()))
+        self.free_slots = {Op.ALLOC_PRESERVE: list(range(SLOTS)), Op.PRESERVE_VMALLOC: list(range(SLOTS))}
 
     # ---- helpers -------------------------------------------------------
-    def emit(self, op: Op, a: int = 0, b: int = 0, name: str = "") -> None:
-        self.steps.append(Step(op, a, b, name=name))
+    def emit(self, op: Op, *operands: int, name: str = "") -> None:
+        self.steps.append(Step(op, *operands, name=name))
 
     def header(self) -> Header:
         return standard_header(self.P, numa=((0, 0), (self.boundary, 1)), arena_pages=ARENA_PAGES)
@@ -269,6 +284,53 @@ class KhoMachine(RuleBasedStateMachine):
     def remove_subtree(self, subtree):
         self.emit(Op.REMOVE_SUBTREE, subtree[1])
 
+    @precondition(lambda self: not self.kexeced and self.free_slots[Op.ALLOC_PRESERVE])
+    @rule(target=allocations, size=ALLOC_SIZES)
+    def alloc_preserve(self, size):
+        slot = self.free_slots[Op.ALLOC_PRESERVE].pop()
+        self.emit(Op.ALLOC_PRESERVE, slot, size)
+        return slot
+
+    @precondition(lambda self: not self.kexeced)
+    @rule(slot=consumes(allocations))
+    def unpreserve_free(self, slot):
+        self.emit(Op.UNPRESERVE_FREE, slot)
+        self.free_slots[Op.ALLOC_PRESERVE].append(slot)
+
+    @precondition(lambda self: not self.kexeced and self.free_slots[Op.PRESERVE_VMALLOC])
+    @rule(target=areas, spec=VMALLOC_SPEC)
+    def preserve_vmalloc(self, spec):
+        """An area of whole blocks; now and then about a chunk's worth of them."""
+        where, blocks, around_a_chunk, huge = spec
+        order = self.geo.huge_vmap_order if huge else 0
+        if around_a_chunk is not None:
+            blocks = chunk_capacity(self.geo.page_size) + around_a_chunk
+        nr_pages = blocks << order
+        pfn = self.free.place(where, nr_pages, 1 << order, RAM_PFNS)
+        if pfn is None:
+            return multiple()
+        self.free.take(pfn, nr_pages)
+        slot = self.free_slots[Op.PRESERVE_VMALLOC].pop()
+        self.emit(Op.PRESERVE_VMALLOC, slot, pfn, nr_pages, order, AREA_ALLOC | (AREA_HUGE if order else 0))
+        return slot, pfn, nr_pages
+
+    @precondition(lambda self: not self.kexeced)
+    @rule(area=consumes(areas))
+    def unpreserve_vmalloc(self, area):
+        slot, pfn, nr_pages = area
+        self.emit(Op.UNPRESERVE_VMALLOC, slot)
+        self.free.give_back(pfn, nr_pages)
+        self.free_slots[Op.PRESERVE_VMALLOC].append(slot)
+
+    @rule(kind=st.integers(0, 2), probe=SCRATCH_PROBES)
+    def query(self, kind, probe):
+        """is_kho_enabled, is_kho_boot, kho_scratch_overlap: either kernel."""
+        if kind == 2:
+            edge, delta, size = probe
+            self.emit(Op.SCRATCH_OVERLAP, (edge + delta) % (1 << 64), size)
+        else:
+            self.emit(Op.IS_KHO_ENABLED if kind else Op.IS_KHO_BOOT)
+
     # ---- handover ------------------------------------------------------
     @precondition(lambda self: not self.kexeced)
     @rule()
@@ -292,6 +354,16 @@ class KhoMachine(RuleBasedStateMachine):
     def retrieve_subtree(self, subtree, other):
         """A name that was added, or now and then any name (-ENOENT)."""
         self.emit(Op.RETRIEVE_SUBTREE, name=subtree[0] if other is None else other)
+
+    @precondition(lambda self: self.kexeced)
+    @rule(slot=allocations)
+    def restore_free(self, slot):
+        self.emit(Op.RESTORE_FREE, slot)
+
+    @precondition(lambda self: self.kexeced)
+    @rule(area=areas)
+    def restore_vmalloc(self, area):
+        self.emit(Op.RESTORE_VMALLOC, area[0])
 
     @precondition(lambda self: self.kexeced)
     @rule(where=ANYWHERE, name=NAMES, kind=st.integers(0, 2))

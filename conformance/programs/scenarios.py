@@ -20,12 +20,26 @@ from dataclasses import dataclass, replace
 
 from reference import model
 from reference.fdt import Fdt, kho_add_subtree
-from reference.geometry import geometry
+from reference.geometry import MAX_PAGE_ORDER, geometry
 from reference.outcome import Outcome
 from reference.profiles import KHO_V4, Profile
-from reference.program import MAX_NAME, MAX_RAM_PFN, Header, Op, Program, Step, filler_blob, filler_name
+from reference.program import (
+    AREA_ALLOC,
+    AREA_HUGE,
+    AREA_MAPPED,
+    ARENA_BASE_PHYS,
+    MAX_NAME,
+    MAX_RAM_PFN,
+    Header,
+    Op,
+    Program,
+    Step,
+    filler_blob,
+    filler_name,
+)
+from reference.vmalloc import chunk_capacity, vmalloc_slot_word
 
-from .layouts import BOOT_SUBTREE, NUMA_SPLIT, RAM_PFNS, arena_index, standard_header
+from .layouts import BOOT_SUBTREE, NUMA_SPLIT, RAM_PFNS, SCRATCH, arena_index, standard_header
 
 # The allocation counts and FDT offsets the scenarios derive do not depend on
 # the compatible string's value (all profiles' strings have one length).
@@ -86,6 +100,15 @@ class _Ops:
     def fill(self, first: int, count: int, name_len: int) -> _Ops:
         return self.add(Op.FILL_FDT, first, count, name_len)
 
+    def alloc(self, slot: int, size: int) -> _Ops:
+        return self.add(Op.ALLOC_PRESERVE, slot, size)
+
+    def vmalloc(self, slot: int, pfn: int, nr_pages: int, order: int = 0, vm_flags: int = AREA_ALLOC) -> _Ops:
+        if order:
+            vm_flags |= AREA_HUGE
+        self.steps.append(Step(Op.PRESERVE_VMALLOC, slot, pfn, nr_pages, order, vm_flags))
+        return self
+
 
 def _program(header: Header, ops: Iterable[Step]) -> Program:
     p = Program(header, tuple(ops))
@@ -142,7 +165,7 @@ def _every_order(P: int) -> list[Scenario]:
     header = standard_header(P, arena_pages=1024)
     return [Scenario("scenario.every-order", _program(header, ops),
                      f"One folio of every order 0..{max_order} at [3*2^k, 4*2^k) (the largest order at "
-                     f"2^{max_order}), then restore each: RAM folios come back, huge ones are skipped, "
+                     f"2^{max_order}), then restore each: RAM folios come back (the huge ones may run out of CPU budget), "
                      "folios past RAM only touch phantom struct pages.")]
 
 
@@ -426,6 +449,179 @@ def _range_2_40(P: int) -> list[Scenario]:
                      "number of blocks, not pages); then preserve, hand over and restore a small piece.")]
 
 
+# Orders of the huge restores: 2^20 struct pages (runs), 2^31 (an int shift
+# goes negative: the page loop never ends), 2^32 and 2^40 (an int shift
+# wraps: a handful of pages); restore_pages skips 31, the same loop.
+HUGE_FOLIO_ORDERS = (20, 31, 32, 40)
+HUGE_RANGE_ORDERS = (20, 32, 40)
+
+
+def _restore_huge(P: int) -> list[Scenario]:
+    """One block of 2^k pages headed at pfn 0 (RAM), restored as a folio or a
+    range: every struct page of the block is initialised, however far past
+    RAM it reaches. One NUMA node, so that the range is one block. (The
+    block is preserved as a folio: preserve_pages of 2^32 pages or more
+    never ends, finding range-int-shift.)"""
+    header = standard_header(P, numa=((0, 0),))
+    out = []
+    for k in HUGE_FOLIO_ORDERS:
+        ops = _Ops(P).folio(0, k).kexec().restore_folio(0).restore_folio(0)
+        out.append(Scenario(f"scenario.restore-huge-folio-{k}", _program(header, ops),
+                            f"A folio of order {k} at pfn 0, restored: 2^{k} struct pages initialised and "
+                            "handed to the managed count; restored again: no magic, NULL and a warning."))
+    for k in HUGE_RANGE_ORDERS:
+        ops = _Ops(P).folio(0, k).kexec().restore_pages(0, 1 << k)
+        out.append(Scenario(f"scenario.restore-huge-pages-{k}", _program(header, ops),
+                            f"A folio of order {k} at pfn 0, restored by restore_pages of its 2^{k} pages (the "
+                            "one block the range makes)."))
+    return out
+
+
+def _queries(P: int) -> list[Scenario]:
+    """is_kho_enabled, is_kho_boot and kho_scratch_overlap in both kernels,
+    around the scratch area's edges, after a good and a refused handover."""
+    addr, size = SCRATCH
+    probes = ((addr, 1), (addr - 1, 1), (addr - 1, 2), (addr + size - 1, 1), (addr + size, 1), (addr + size, 0),
+              (0, addr), (0, addr + 1), (addr + 1, (1 << 64) - 1))
+
+    def program(refused: bool) -> Program:
+        ops = _Ops(P).add(Op.IS_KHO_ENABLED).add(Op.IS_KHO_BOOT)
+        for phys, n in probes:
+            ops.add(Op.SCRATCH_OVERLAP, phys, n)
+        if refused:
+            ops.add(Op.POKE_FDT, 0, 0)
+        ops.kexec().add(Op.IS_KHO_ENABLED).add(Op.IS_KHO_BOOT)
+        for phys, n in probes[:5]:
+            ops.add(Op.SCRATCH_OVERLAP, phys, n)
+        return _program(standard_header(P), ops.retrieve(BOOT_SUBTREE))
+
+    off = _program(replace(standard_header(P), fail_alloc=1), _Ops(P).add(Op.IS_KHO_ENABLED).kexec()
+                   .add(Op.IS_KHO_BOOT).add(Op.SCRATCH_OVERLAP, addr, 1).restore_folio(0x100))
+    return [
+        Scenario("scenario.api-queries", program(False),
+                 "is_kho_enabled/is_kho_boot before and after kexec, and kho_scratch_overlap (7.3 on; "
+                 "-EOPNOTSUPP before) at and around both ends of the scratch area, also wrapping past 2^64."),
+        Scenario("scenario.api-queries-refused", program(True),
+                 "The same queries when the next kernel refuses the handover (FDT magic poked): not a KHO "
+                 "boot, and no scratch areas handed over."),
+        Scenario("scenario.api-queries-kho-off", off,
+                 "KHO init fails (its first allocation): kho_is_enabled() is false, there is no handover."),
+    ]
+
+
+def _alloc_base(P: int) -> _Ops:
+    page = 1 << P
+    ops = _Ops(P)
+    ops.alloc(0, 1).alloc(1, page + 1).alloc(2, page << MAX_PAGE_ORDER)  # orders 0, 1 and the largest
+    ops.alloc(3, (page << MAX_PAGE_ORDER) + 1).alloc(4, 0)  # -E2BIG, -EINVAL
+    ops.alloc(5, 3 * page).add(Op.UNPRESERVE_FREE, 5).alloc(6, 4 * page)  # freed: the same block again
+    ops.add(Op.UNPRESERVE_FREE, 4)  # an empty slot: nothing
+    return ops
+
+
+def _alloc_preserve(P: int) -> list[Scenario]:
+    header = standard_header(P, arena_pages=4096)  # room for an order-10 block
+    ops = _alloc_base(P).kexec()
+    for slot in (0, 1, 2, 3, 5, 6, 6):  # 3 and 5: empty; 6 twice: the second warns
+        ops.add(Op.RESTORE_FREE, slot)
+    ops.restore_folio(0)
+    base = _program(header, ops)
+    n = allocations(base)
+    boot = allocations(_program(header, ()))
+    return [Scenario("scenario.alloc-preserve", base,
+                     "kho_alloc_preserve of 1 byte, a page and a byte, 2^MAX_PAGE_ORDER pages (the largest), one "
+                     "byte more (-E2BIG) and 0 (-EINVAL); unpreserve_free and allocate again; after kexec "
+                     "restore_free of each slot (an emptied slot does nothing; twice warns).")] + [
+        Scenario(f"scenario.alloc-preserve-failure-{i}", replace(base, header=replace(header, fail_alloc=i)),
+                 f"scenario.alloc-preserve with allocation {i} of {n} failing: in the folio's allocation "
+                 "(-ENOMEM) or in its preservation (the folio is freed again).")
+        for i in range(boot + 1, n + 1)
+    ]
+
+
+def _vmalloc(P: int) -> list[Scenario]:
+    header = standard_header(P, arena_pages=1024)
+    top = geometry(P).huge_vmap_order
+    many = chunk_capacity(1 << P) + 1  # one block more than a chunk holds
+    ops = _Ops(P)
+    ops.vmalloc(0, 0x1000, 8)
+    ops.vmalloc(1, 0x4_0000, 2 << top, top)  # two PMD-sized blocks
+    ops.vmalloc(2, 0x2_0000, many)  # two chunks
+    ops.vmalloc(3, 0x3_0000, 2 * (many - 1))  # a chunk filled exactly: a third, empty one follows
+    ops.vmalloc(4, 0x5000, 4, vm_flags=AREA_ALLOC | AREA_MAPPED)  # vmap()'d: -EOPNOTSUPP
+    ops.vmalloc(5, 0x5001, 4, 1)  # blocks not aligned: no such area, -EINVAL
+    ops.vmalloc(6, 0, 4)  # physical page 0: the chunk list could not hold it
+    ops.vmalloc(7, 0x6000, 4).add(Op.UNPRESERVE_VMALLOC, 7)
+    ops.kexec()
+    for slot in range(8):
+        ops.add(Op.RESTORE_VMALLOC, slot)
+    ops.add(Op.RESTORE_VMALLOC, 0)  # already restored
+    ops.restore_pages(0x6000, 4)  # unpreserved with its area
+    return [Scenario("scenario.vmalloc", _program(header, ops),
+                     f"kho_preserve_vmalloc of areas of one chunk, of two PMD-sized (order {top}) blocks, of "
+                     f"{many} blocks (two chunks) and of a chunk filled exactly; a vmap() area; an area that "
+                     "cannot exist; one at physical page 0; one unpreserved again. After kexec each slot is "
+                     "restored: the same pages, in order.")]
+
+
+def _vmalloc_failures(P: int) -> list[Scenario]:
+    """Allocation failures inside kho_preserve_vmalloc, for an area of order-1
+    blocks whose later blocks need a new leaf (the blocks before it are
+    already preserved when it fails) and an area of two chunks."""
+    boundary = 1 << (P + 4)  # order-1 keys of pfns from here on start a new leaf
+    header = standard_header(P, ram=((0, max(RAM_PFNS, 2 * boundary)),), numa=((0, 0),))
+    ops = _Ops(P).vmalloc(0, boundary - 4, 8, 1).vmalloc(1, 0x2_0000, chunk_capacity(1 << P) + 1).kexec()
+    ops.add(Op.RESTORE_VMALLOC, 0).add(Op.RESTORE_VMALLOC, 1)
+    ops.restore_pages(boundary - 4, 2).restore_pages(boundary - 2, 2)
+    base = _program(header, ops)
+    n = allocations(base)
+    boot = allocations(_program(header, ()))
+    return [
+        Scenario(f"scenario.vmalloc-failure-{i}", replace(base, header=replace(header, fail_alloc=i)),
+                 f"Two vmalloc areas ({n - boot} page allocations after boot) with allocation {i} failing: what "
+                 "the failed call preserved must be unpreserved again, block by block.")
+        for i in range(boot + 1, n + 1)
+    ]
+
+
+def _vmalloc_corrupt(P: int) -> list[Scenario]:
+    """The caller's descriptor corrupted in transit (a poke on the handover
+    page at kexec): the next kernel must not restore what it does not list."""
+    header = standard_header(P)
+    first, meta = vmalloc_slot_word(0), vmalloc_slot_word(0) + 1
+
+    def base() -> _Ops:
+        return _Ops(P).folio(0x300, 0).vmalloc(0, 0x1000, 8)
+
+    old = _old_kernel(_program(header, base()))
+    handover = old.arena.read(ARENA_BASE_PHYS)
+    assert handover is not None and handover.get(first), "the area's descriptor is on the handover page"
+    spare = old.arena.hwm + 4  # an arena page no one allocated
+    spare_phys = ARENA_BASE_PHYS + (spare << P)
+    total_pages, order = 8, 0
+
+    def variant(name: str, description: str, pokes: list[tuple[int, int, int]]) -> Scenario:
+        ops = base()
+        for page, word, value in pokes:
+            ops.add(Op.POKE_ARENA, page, word, value)
+        ops.kexec().add(Op.RESTORE_VMALLOC, 0).restore_pages(0x1000, 1).restore_pages(0x1007, 1).restore_folio(0x300)
+        return Scenario(f"scenario.vmalloc-corrupt-{name}", _program(header, ops), description)
+
+    return [
+        variant("total", "total_pages one more than the chunks list: NULL; the blocks restored so far stay restored.",
+                [(0, meta, total_pages + 1 | order << 48)]),
+        variant("order", "order 1 instead of 0: the first entry's block does not match: NULL.",
+                [(0, meta, total_pages | 1 << 48)]),
+        variant("order-40", "order 40: 2^40 pages a block, past total_pages at once: NULL (in int, 1 << 40 "
+                "is undefined).", [(0, meta, total_pages | 40 << 48)]),
+        variant("first-null", "first chunk 0: an empty list for 8 pages: NULL.", [(0, first, 0)]),
+        variant("first-unpreserved",
+                "first pointing at a page never preserved, listing a folio that was (0x300): a kernel that "
+                "checks the chunk first restores nothing.",
+                [(spare, 1, 0x300 << P), (0, first, spare_phys), (0, meta, 1)]),
+    ]
+
+
 def _corrupt_base(P: int) -> _Ops:
     return (_Ops(P).folio(0x10, 0).pages(0x100, 8).folio(0x2_0000, 5)
             .subtree("blob", 0x1234_0000, 0x99))
@@ -473,7 +669,8 @@ def _corrupt(P: int) -> list[Scenario]:
 
 _BUILDERS: tuple[Callable[[int], list[Scenario]], ...] = (
     _empty_tree, _every_order, _widest_orders, _pfn_zero, _highest_pfns, _numa_crossing, _ram_holes,
-    _alloc_failures, _subtrees, _subtree_overflow, _fdt_edge, _restore_pages_numa, _range_2_40, _corrupt,
+    _alloc_failures, _subtrees, _subtree_overflow, _fdt_edge, _restore_pages_numa, _range_2_40, _restore_huge, _corrupt,
+    _queries, _alloc_preserve, _vmalloc, _vmalloc_failures, _vmalloc_corrupt,
 )
 
 

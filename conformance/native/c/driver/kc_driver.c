@@ -53,14 +53,29 @@ static void kc_op_result(long rc, u64 value, u64 value2)
 
 /* A folio or page the caller owns: the driver makes it, the kernel reads
  * its pfn and order. Outside RAM it exists only as this struct. */
-static struct page kc_detached;
-
 static struct folio *kc_folio(u64 pfn, u64 order)
 {
-	memset(&kc_detached, 0, sizeof(kc_detached));
-	kc_detached.kc_pfn = pfn;
-	kc_detached.kc_order = (unsigned int)order;
-	return page_folio(&kc_detached);
+	return page_folio(kc_caller_page(pfn, (unsigned int)order));
+}
+
+/* The handover page (arena page 0): the caller's records of what it
+ * preserved through the API, kept across kexec. */
+static u64 *kc_alloc_slot(u64 slot)
+{
+	return (u64 *)((char *)kc_arena_page(0) + KC_ALLOC_SLOTS_OFFSET) + slot;
+}
+
+static struct kho_vmalloc *kc_vmalloc_slot(u64 slot)
+{
+	return (struct kho_vmalloc *)((char *)kc_arena_page(0) + KC_VMALLOC_SLOTS_OFFSET) + slot;
+}
+
+_Static_assert(sizeof(struct kho_vmalloc) == KC_VMALLOC_DESCRIPTOR_BYTES, "struct kho_vmalloc is the ABI's 16 bytes");
+
+static unsigned long kc_vm_flags(u64 area_flags)
+{
+	return (area_flags & KC_AREA_ALLOC ? VM_ALLOC : 0) | (area_flags & KC_AREA_HUGE ? VM_ALLOW_HUGE_VMAP : 0) |
+	       (area_flags & KC_AREA_MAPPED ? VM_MAP : 0);
 }
 
 static void kc_record_page_magic(phys_addr_t phys)
@@ -209,34 +224,12 @@ static void kc_next_kernel(struct kc_run *run)
 	kc_op_result(is_kho_boot() ? 0 : -EINVAL, 0, 0);
 }
 
-/* Restores initialise one struct page per page; past the limit, skip. */
-static bool kc_restore_too_big(unsigned long pfn, unsigned long nr_pages)
-{
-	if (nr_pages > KC_RESTORE_PAGE_LIMIT)
-		return true;
-	for (unsigned long i = 0; i < nr_pages; i++) {
-		union kho_page_info info;
-
-		if (!kc_is_ram(pfn + i))
-			continue;
-		info.page_private = pfn_to_online_page(pfn + i)->private;
-		if (info.magic == KHO_PAGE_MAGIC && info.order > KC_RESTORE_ORDER_LIMIT)
-			return true;
-	}
-	return false;
-}
-
 static void kc_restore_op(const struct kc_step *s)
 {
-	unsigned long pfn = PHYS_PFN(s->a);
 	bool folio = s->op == KC_RESTORE_FOLIO;
 	long before = kc_managed_pages();
 	struct page *page;
 
-	if (kc_restore_too_big(pfn, folio ? 1 : s->b)) {
-		kc_op_result(KC_RESTORE_SKIPPED, 0, 0);
-		return;
-	}
 	if (folio) {
 		struct folio *f = kho_restore_folio(s->a);
 
@@ -335,8 +328,77 @@ static void kc_old_kernel_op(struct kc_run *run, const struct kc_step *s)
 	case KC_FILL_FDT:
 		kc_fill_fdt(s);
 		return;
+	case KC_ALLOC_PRESERVE: {
+		void *mem = kho_alloc_preserve(s->b);
+
+		*kc_alloc_slot(s->a) = IS_ERR(mem) ? 0 : virt_to_phys(mem);
+		kc_op_result(IS_ERR(mem) ? PTR_ERR(mem) : 0, *kc_alloc_slot(s->a), 0);
+		return;
+	}
+	case KC_UNPRESERVE_FREE: {
+		u64 *slot = kc_alloc_slot(s->a);
+
+		kho_unpreserve_free(*slot ? phys_to_virt(*slot) : NULL);
+		*slot = 0; /* the caller forgets the memory */
+		break;
+	}
+	case KC_PRESERVE_VMALLOC: {
+		struct kho_vmalloc *desc = kc_vmalloc_slot(s->a);
+		/* operands no vmalloc area can have: a pointer to no area */
+		void *area = s->is_vm_area ? kc_make_vm_area(s->b, s->c, s->d, kc_vm_flags(s->e)) : NULL;
+
+		memset(desc, 0, sizeof(*desc));
+		rc = kho_preserve_vmalloc(area, desc);
+		kc_op_result(rc, rc ? 0 : desc->first.phys, 0);
+		if (rc) /* the caller keeps no failed preservation */
+			memset(desc, 0, sizeof(*desc));
+		return;
+	}
+	case KC_UNPRESERVE_VMALLOC:
+		kho_unpreserve_vmalloc(kc_vmalloc_slot(s->a));
+		memset(kc_vmalloc_slot(s->a), 0, sizeof(struct kho_vmalloc));
+		break;
 	}
 	kc_op_result(rc, 0, 0);
+}
+
+/* The restore side of the alloc and vmalloc API, with the pages each
+ * handed to the managed count. */
+static void kc_restore_api_op(const struct kc_step *s)
+{
+	long before = kc_managed_pages();
+
+	if (s->op == KC_RESTORE_FREE) {
+		u64 phys = *kc_alloc_slot(s->a);
+
+		kho_restore_free(phys ? phys_to_virt(phys) : NULL);
+		kc_op_result(0, 0, kc_managed_pages() - before);
+	} else {
+		void *addr = kho_restore_vmalloc(kc_vmalloc_slot(s->a));
+		struct vm_struct *area = kc_find_vm_area(addr);
+
+		kc_op_result(area ? 0 : -1, area ? area->nr_pages : 0, kc_managed_pages() - before);
+	}
+}
+
+/* Queries: either kernel. */
+static void kc_query_op(const struct kc_step *s)
+{
+	switch (s->op) {
+	case KC_IS_KHO_ENABLED:
+		kc_op_result(0, kho_is_enabled(), 0);
+		break;
+	case KC_IS_KHO_BOOT:
+		kc_op_result(0, is_kho_boot(), 0);
+		break;
+	case KC_SCRATCH_OVERLAP:
+#if KC_HAS_SCRATCH_OVERLAP
+		kc_op_result(0, kho_scratch_overlap(s->a, s->b), 0);
+#else
+		kc_op_result(-EOPNOTSUPP, 0, 0); /* not public API before 7.3 */
+#endif
+		break;
+	}
 }
 
 static void kc_step(struct kc_run *run, const struct kc_step *s)
@@ -355,6 +417,18 @@ static void kc_step(struct kc_run *run, const struct kc_step *s)
 			kc_restore_op(s);
 		else
 			kc_op_result(-1, 0, 0);
+		break;
+	case KC_RESTORE_FREE:
+	case KC_RESTORE_VMALLOC:
+		if (run->next)
+			kc_restore_api_op(s);
+		else
+			kc_op_result(s->op == KC_RESTORE_FREE ? 0 : -1, 0, 0);
+		break;
+	case KC_IS_KHO_ENABLED:
+	case KC_IS_KHO_BOOT:
+	case KC_SCRATCH_OVERLAP:
+		kc_query_op(s);
 		break;
 	case KC_RETRIEVE_SUBTREE: {
 		phys_addr_t phys = 0;

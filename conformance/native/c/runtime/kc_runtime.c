@@ -46,8 +46,10 @@ static struct kc_header hdr;
 static unsigned long arena_first_pfn, arena_mapped;
 static unsigned char *arena_order;  /* per arena page: order + 1 at a block head, 0 free */
 static unsigned char *arena_used;
-static unsigned long arena_hint = 1, arena_hwm = 1;
-static unsigned long arena_dirty = 1; /* one past the highest page written: allocated or poked */
+static unsigned long arena_hint = 1;
+/* The high-water mark: one past the highest page written, allocated or poked
+ * (the old kernel's memory, which the next kernel must not reuse). */
+static unsigned long arena_hwm = 1;
 static unsigned long long alloc_count;
 static int fault_armed, slab_ready, memory_init;
 static long managed_pages;
@@ -270,8 +272,8 @@ static struct page *touch(unsigned long pfn)
 {
 	if (pfn < memmap_lo)
 		memmap_lo = pfn;
-	if (pfn + KC_RESTORE_PAGE_LIMIT > memmap_hi)
-		memmap_hi = pfn + KC_RESTORE_PAGE_LIMIT;
+	if (pfn + 1 > memmap_hi)
+		memmap_hi = pfn + 1;
 	return &memmap[pfn];
 }
 
@@ -288,11 +290,115 @@ struct page *kc_pfn_to_page(unsigned long pfn)
 	return &sink_page;
 }
 
+/* A page the caller owns (a folio it preserves), whatever its pfn: the
+ * kernel reads its pfn and order, and never reaches past it. */
+static struct page caller_page;
+
+struct page *kc_caller_page(unsigned long pfn, unsigned int order)
+{
+	memset(&caller_page, 0, sizeof(caller_page));
+	caller_page.kc_pfn = pfn;
+	caller_page.kc_order = order;
+	return &caller_page;
+}
+
+/* Any other page pointer is memmap + pfn, also past the pages that exist:
+ * a restore steps through every struct page of a block (page + i) without
+ * reading them, however far the block reaches. */
 unsigned long kc_page_to_pfn(const struct page *page)
 {
-	if (page >= memmap && page < memmap + KC_MAX_RAM_PFN)
-		return page - memmap;
-	return page->kc_pfn;
+	if (page == &sink_page || page == &caller_page)
+		return page->kc_pfn;
+	return ((unsigned long)page - (unsigned long)memmap) / sizeof(struct page);
+}
+
+/*
+ * Page reference counts, kept as runs of equal counts rather than in the
+ * struct pages: a restore sets the count of every page of a block in one
+ * ascending loop, and a block may span more pages than the machine has
+ * struct pages or memory for. Memory grows with the runs, not the pages.
+ * A page in no run has count 0.
+ */
+struct ref_run {
+	unsigned long start, end; /* [start, end) */
+	int count;                /* never 0 */
+};
+static struct ref_run *ref_runs;
+static unsigned long nref_runs, cap_ref_runs, ref_cursor;
+
+/* The first run ending after pfn (nref_runs if none); ascending loops hit
+ * the cursor and cost O(1) per page. */
+static unsigned long ref_find(unsigned long pfn)
+{
+	unsigned long lo = 0, hi = nref_runs;
+
+	for (unsigned long i = ref_cursor; i <= nref_runs && i <= ref_cursor + 1; i++)
+		if ((i == 0 || ref_runs[i - 1].end <= pfn) && (i == nref_runs || ref_runs[i].end > pfn))
+			return ref_cursor = i;
+	while (lo < hi) {
+		unsigned long mid = lo + (hi - lo) / 2;
+
+		if (ref_runs[mid].end > pfn)
+			hi = mid;
+		else
+			lo = mid + 1;
+	}
+	return ref_cursor = lo;
+}
+
+static void ref_insert(unsigned long at, unsigned long start, unsigned long end, int count)
+{
+	ref_runs = grow(ref_runs, &cap_ref_runs, nref_runs + 1, sizeof(*ref_runs));
+	memmove(ref_runs + at + 1, ref_runs + at, (nref_runs - at) * sizeof(*ref_runs));
+	ref_runs[at] = (struct ref_run){ start, end, count };
+	nref_runs++;
+}
+
+static void ref_remove(unsigned long at)
+{
+	memmove(ref_runs + at, ref_runs + at + 1, (nref_runs - at - 1) * sizeof(*ref_runs));
+	nref_runs--;
+}
+
+int kc_page_count(const struct page *page)
+{
+	unsigned long pfn = kc_page_to_pfn(page), i = ref_find(pfn);
+
+	return i < nref_runs && ref_runs[i].start <= pfn ? ref_runs[i].count : 0;
+}
+
+void kc_set_page_count(const struct page *page, int count)
+{
+	unsigned long pfn = kc_page_to_pfn(page), i = ref_find(pfn);
+	struct ref_run *r = i < nref_runs ? &ref_runs[i] : NULL;
+
+	if (r && r->start <= pfn) { /* inside run i: cut pfn out of it */
+		struct ref_run old = *r;
+
+		if (old.count == count)
+			return;
+		ref_remove(i);
+		if (old.end > pfn + 1)
+			ref_insert(i, pfn + 1, old.end, old.count);
+		if (old.start < pfn)
+			ref_insert(i++, old.start, pfn, old.count);
+		r = i < nref_runs ? &ref_runs[i] : NULL;
+	}
+	if (!count)
+		return;
+	/* in the gap before run i (r): extend a neighbour or start a run */
+	if (i > 0 && ref_runs[i - 1].end == pfn && ref_runs[i - 1].count == count) {
+		ref_runs[i - 1].end++;
+		if (r && r->start == pfn + 1 && r->count == count) {
+			ref_runs[i - 1].end = r->end;
+			ref_remove(i);
+		}
+	} else if (r && r->start == pfn + 1 && r->count == count) {
+		r->start = pfn;
+	} else {
+		ref_insert(i, pfn, pfn + 1, count);
+	}
+	ref_cursor = i > 0 ? i - 1 : 0;
 }
 
 struct page *kc_pfn_to_online_page(unsigned long pfn)
@@ -349,8 +455,6 @@ static void mark(unsigned long start, unsigned long n, int used)
 	memset(arena_used + start, used, n);
 	if (used && start + n > arena_hwm)
 		arena_hwm = start + n;
-	if (used && start + n > arena_dirty)
-		arena_dirty = start + n;
 }
 
 void kc_arena_reserve(unsigned long first, unsigned long n)
@@ -374,6 +478,8 @@ void *kc_alloc_pages(unsigned int order)
 	n = 1UL << order;
 	start = order ? n : arena_hint;
 	for (; start + n <= hdr.arena_pages; start += order ? n : 1) {
+		struct page *head;
+
 		if (!block_free(start, n))
 			continue;
 		mark(start, n, 1);
@@ -381,9 +487,28 @@ void *kc_alloc_pages(unsigned int order)
 		if (!order)
 			arena_hint = start + 1;
 		memset(kc_arena_page(start), 0, n * PG_SIZE);
+		head = touch(arena_first_pfn + start);
+		head->kc_order = 0; /* not compound unless the caller makes it so */
+		kc_set_page_count(head, 1);
 		return kc_arena_page(start);
 	}
 	return NULL;
+}
+
+/* Give 2^order pages from pfn back to the allocator; only arena pages are
+ * the allocator's (other RAM is restored and freed, but never handed out). */
+static void free_block(unsigned long pfn, unsigned int order)
+{
+	unsigned long index = pfn - arena_first_pfn, n = order < 32 ? 1UL << order : ~0UL;
+
+	if (pfn < arena_first_pfn || index >= hdr.arena_pages)
+		return;
+	if (n > hdr.arena_pages - index)
+		n = hdr.arena_pages - index;
+	mark(index, n, 0);
+	arena_order[index] = 0;
+	if (index < arena_hint)
+		arena_hint = index;
 }
 
 void kc_free_pages(const void *addr)
@@ -399,10 +524,151 @@ void kc_free_pages(const void *addr)
 		kc_record(KC_REC_EVENT, kc_text("free of a page the allocator did not hand out: phys %#llx", phys), 0, 0);
 		return;
 	}
-	mark(index, 1UL << (arena_order[index] - 1), 0);
-	arena_order[index] = 0;
-	if (index < arena_hint)
-		arena_hint = index;
+	kc_set_page_count(touch(arena_first_pfn + index), 0);
+	free_block(arena_first_pfn + index, arena_order[index] - 1);
+}
+
+/* put_page(): the last reference frees the page, or the whole block of a
+ * compound head (a restored folio, an allocated folio). */
+void kc_put_page(struct page *page)
+{
+	int count = kc_page_count(page);
+
+	if (count <= 0)
+		kc_bug(__func__, __LINE__, "put of a page whose refcount is 0");
+	kc_set_page_count(page, count - 1);
+	if (count == 1)
+		free_block(kc_page_to_pfn(page), page->kc_order);
+}
+
+/* ---- vmalloc ---- */
+
+/*
+ * Areas live in host memory at fake addresses from VMALLOC_START (never
+ * dereferenced: KHO only hands them back). The caller's area, the one a
+ * preserve op names, is rebuilt for each op; areas a restore creates are
+ * kept until the next program.
+ */
+#define VMALLOC_START_ADDR 0xffffc90000000000UL
+static struct vm_struct caller_area;
+static struct vm_struct **areas;
+static unsigned long nareas, cap_areas, next_area_offset;
+
+struct vm_struct *kc_find_vm_area(const void *addr)
+{
+	if (addr && addr == caller_area.addr)
+		return &caller_area;
+	for (unsigned long i = 0; addr && i < nareas; i++)
+		if (areas[i]->addr == addr)
+			return areas[i];
+	return NULL;
+}
+
+void *kc_make_vm_area(unsigned long pfn, unsigned int nr_pages, unsigned int order, unsigned long flags)
+{
+	free(caller_area.pages);
+	caller_area = (struct vm_struct){ (void *)VMALLOC_START_ADDR, (unsigned long)nr_pages << KC_PAGE_SHIFT, flags,
+					  calloc(nr_pages, sizeof(struct page *)), order, nr_pages };
+	if (!caller_area.pages) {
+		fputs("kho-conform runtime: out of memory\n", stderr);
+		abort();
+	}
+	for (unsigned int i = 0; i < nr_pages; i++)
+		caller_area.pages[i] = kc_pfn_to_page(pfn + i);
+	return caller_area.addr;
+}
+
+/* __get_vm_area_node(): an area of size bytes rounded up to 2^shift. */
+struct vm_struct *kc_get_vm_area(unsigned long size, unsigned int shift, unsigned long flags)
+{
+	unsigned long align, aligned;
+	struct vm_struct *area;
+
+	if (!size || shift >= 64)
+		return NULL;
+	align = 1UL << shift;
+	aligned = (size + align - 1) & ~(align - 1);
+	if (!aligned || aligned > KC_VMALLOC_BYTES)
+		return NULL;
+	area = calloc(1, sizeof(*area));
+	areas = grow(areas, &cap_areas, nareas + 1, sizeof(*areas));
+	if (!area) {
+		fputs("kho-conform runtime: out of memory\n", stderr);
+		abort();
+	}
+	areas[nareas++] = area;
+	area->addr = (void *)(VMALLOC_START_ADDR + KC_VMALLOC_BYTES + next_area_offset);
+	area->size = aligned;
+	area->flags = flags;
+	next_area_offset += aligned;
+	return area;
+}
+
+void kc_free_vm_area(struct vm_struct *area)
+{
+	for (unsigned long i = 0; i < nareas; i++)
+		if (areas[i] == area) {
+			areas[i] = areas[--nareas];
+			free(area);
+			return;
+		}
+}
+
+/* Arrays carry their size in front, so that vmap can tell where one ends. */
+void *kc_kvmalloc_array(unsigned long n, unsigned long size)
+{
+	unsigned long *p;
+
+	if (size && n > ~0UL / size)
+		return NULL;
+	p = calloc(1, n * size + sizeof(*p) * 2);
+	if (!p)
+		return NULL;
+	p[0] = n * size;
+	return p + 2;
+}
+
+void kc_kvfree(const void *p)
+{
+	if (p)
+		free((unsigned long *)p - 2);
+}
+
+/* vmap_pages_range(): map the area's pages, a block of 2^(shift - PAGE_SHIFT)
+ * pages from each block head; recorded as runs of pfns (Rec.VMAP). */
+int kc_vmap_pages(unsigned long addr, unsigned long end, struct page **pages, unsigned int shift)
+{
+	unsigned long nr = (end - addr) >> KC_PAGE_SHIFT, step = 1UL << (shift - KC_PAGE_SHIFT);
+	unsigned long have = ((unsigned long *)pages)[-2] / sizeof(*pages);
+	unsigned long run_pfn = 0, run_len = 0;
+
+	for (unsigned long i = 0; i < nr; i += step) {
+		unsigned long pfn;
+
+		if (i >= have)
+			kc_bug(__func__, __LINE__, "vmap past the end of the pages array");
+		pfn = kc_page_to_pfn(pages[i]);
+		if (run_len && run_pfn + run_len == pfn) {
+			run_len += step;
+			continue;
+		}
+		if (run_len)
+			kc_record(KC_REC_VMAP, run_pfn, run_len, 0);
+		run_pfn = pfn;
+		run_len = step;
+	}
+	if (run_len)
+		kc_record(KC_REC_VMAP, run_pfn, run_len, 0);
+	return 0;
+}
+
+static void forget_vm_areas(void)
+{
+	for (unsigned long i = 0; i < nareas; i++) {
+		free(areas[i]->pages ? (unsigned long *)areas[i]->pages - 2 : NULL);
+		free(areas[i]);
+	}
+	nareas = next_area_offset = 0;
 }
 
 int kc_slab_is_available(void)
@@ -523,6 +789,7 @@ static void forget_struct_pages(void)
 	}
 	memmap_lo = ~0UL;
 	memmap_hi = 0;
+	nref_runs = ref_cursor = 0;
 }
 
 int kc_setup(const struct kc_header *h)
@@ -538,6 +805,7 @@ int kc_setup(const struct kc_header *h)
 	if (arena_mapped)
 		madvise(kc_arena_page(0), arena_mapped, MADV_DONTNEED);
 	high_used = 0;
+	forget_vm_areas();
 	memset(arena_order, 0, hdr.arena_pages ? hdr.arena_pages : KC_MAX_ARENA_PAGES);
 	memset(arena_used, 0, hdr.arena_pages ? hdr.arena_pages : KC_MAX_ARENA_PAGES);
 	forget_struct_pages();
@@ -551,7 +819,7 @@ int kc_setup(const struct kc_header *h)
 		arena_mapped = want;
 	}
 	arena_used[0] = 1; /* page 0: the scratch descriptors */
-	arena_hint = arena_hwm = arena_dirty = 1;
+	arena_hint = arena_hwm = 1;
 	alloc_count = 0;
 	managed_pages = 0;
 	nrecs = ntext = 0;
@@ -573,15 +841,15 @@ void kc_start_kernel(int next)
 
 void kc_arena_written(unsigned long index)
 {
-	if (index < hdr.arena_pages && index + 1 > arena_dirty)
-		arena_dirty = index + 1;
+	if (index < hdr.arena_pages && index + 1 > arena_hwm)
+		arena_hwm = index + 1;
 }
 
 void kc_snapshot(void)
 {
-	snapshot = realloc(snapshot, arena_dirty * PG_SIZE);
-	memcpy(snapshot, kc_arena_page(0), arena_dirty * PG_SIZE);
-	snapshot_pages = arena_dirty;
+	snapshot = realloc(snapshot, arena_hwm * PG_SIZE);
+	memcpy(snapshot, kc_arena_page(0), arena_hwm * PG_SIZE);
+	snapshot_pages = arena_hwm;
 }
 
 /* Sanitizer builds run the same kernel code several times slower. */

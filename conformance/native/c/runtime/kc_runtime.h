@@ -15,12 +15,21 @@
 struct page {
 	unsigned long flags;
 	unsigned long private;
-	int _refcount;
 	unsigned int kc_order;     /* compound order of a head page */
 	unsigned long kc_pfn;      /* pfn of a detached page (made by the driver) */
 };
 struct folio {
 	struct page page;
+};
+
+/* The kernel's struct vm_struct, reduced to what KHO touches. */
+struct vm_struct {
+	void *addr;
+	unsigned long size;
+	unsigned long flags;
+	struct page **pages;
+	unsigned int page_order;
+	unsigned int nr_pages;
 };
 
 /* physical memory: a direct map in which only the arena is backed */
@@ -31,15 +40,29 @@ unsigned long long kc_virt_to_phys(const volatile void *virt);
 struct page *kc_pfn_to_page(unsigned long pfn);
 unsigned long kc_page_to_pfn(const struct page *page);
 struct page *kc_pfn_to_online_page(unsigned long pfn);
+struct page *kc_caller_page(unsigned long pfn, unsigned int order); /* a folio the caller owns */
+int kc_page_count(const struct page *page);
+void kc_set_page_count(const struct page *page, int count);
 int kc_pfn_to_nid(unsigned long pfn);
 
 /* page allocator: lowest free naturally aligned block, fault injection */
 void *kc_alloc_pages(unsigned int order);
 void kc_free_pages(const void *addr);
+void kc_put_page(struct page *page);
 int kc_slab_is_available(void);
 void kc_adjust_managed(long pages);
 long kc_managed_pages(void);
 void kc_set_slab_ready(int ready);
+
+/* vmalloc: areas in a fake address space, pages arrays in host memory */
+struct vm_struct *kc_find_vm_area(const void *addr);
+/* The caller's area of nr_pages pages from pfn (RAM), mapped in 2^order blocks. */
+void *kc_make_vm_area(unsigned long pfn, unsigned int nr_pages, unsigned int order, unsigned long flags);
+struct vm_struct *kc_get_vm_area(unsigned long size, unsigned int shift, unsigned long flags);
+int kc_vmap_pages(unsigned long addr, unsigned long end, struct page **pages, unsigned int shift);
+void kc_free_vm_area(struct vm_struct *area);
+void *kc_kvmalloc_array(unsigned long n, unsigned long size);
+void kc_kvfree(const void *p);
 
 /* memblock recorder */
 void kc_memblock_record(int kind, unsigned long long base, unsigned long long size);
@@ -74,7 +97,7 @@ void kc_start_kernel(int next);
 int kc_is_ram(unsigned long pfn);
 void *kc_arena_page(unsigned long index);
 unsigned long kc_arena_pages(void);
-unsigned long kc_arena_hwm(void); /* one past the highest page ever allocated */
+unsigned long kc_arena_hwm(void); /* one past the highest page ever allocated or written */
 /* Keep [first, first + n) arena pages allocated: the handed-over image. */
 void kc_arena_reserve(unsigned long first, unsigned long n);
 /* A page was written outside the allocator (a poke): the snapshot covers it. */

@@ -7,4 +7,5 @@
 #include "bitops.h"
 #include "kernel.h"
 #include "mm.h"
+#include "vmalloc.h"
 #endif

@@ -15,7 +15,7 @@
 #define PAGE_SHIFT KC_PAGE_SHIFT
 #define PAGE_SIZE (1UL << PAGE_SHIFT)
 #define PAGE_MASK (~(PAGE_SIZE - 1))
-#define MAX_PAGE_ORDER 10
+#define MAX_PAGE_ORDER KC_MAX_PAGE_ORDER
 #define MAX_ORDER_NR_PAGES (1 << MAX_PAGE_ORDER)
 #define pageblock_order MAX_PAGE_ORDER
 #define pageblock_nr_pages (1UL << pageblock_order)
@@ -46,7 +46,8 @@
 #define page_address(page) phys_to_virt(page_to_phys(page))
 #define pfn_to_nid(pfn) kc_pfn_to_nid((unsigned long)(pfn))
 #define early_pfn_to_nid(pfn) kc_pfn_to_nid((unsigned long)(pfn))
-#define set_page_count(page, v) ((page)->_refcount = (v))
+#define set_page_count(page, v) kc_set_page_count((page), (v))
+#define page_count(page) kc_page_count(page)
 #define clear_page_tag_ref(page) ((void)(page))
 #define page_folio(page) ((struct folio *)(page))
 #define folio_page(folio, n) (&(folio)->page + (n))
@@ -77,8 +78,14 @@ static inline int kc_get_order(unsigned long size)
 }
 #define get_zeroed_page(gfp) ((unsigned long)kc_alloc_pages(0))
 #define __get_free_page(gfp) ((unsigned long)kc_alloc_pages(0))
-#define free_page(addr) kc_free_pages((const void *)(addr))
-#define __free_page(page) kc_free_pages(page_address(page))
+#define free_page(addr) kc_free_page((unsigned long)(addr))
+static inline void kc_free_page(unsigned long addr)
+{
+	if (addr) /* free_page(0) does nothing */
+		kc_put_page(virt_to_page((const void *)addr));
+}
+#define __free_page(page) kc_put_page(page)
+#define put_page(page) kc_put_page(page)
 #define kzalloc(size, gfp) kc_alloc_pages(kc_get_order(size))
 #define kmalloc(size, gfp) kc_alloc_pages(kc_get_order(size))
 #define kfree(p) kc_free_pages(p)
@@ -92,7 +99,7 @@ static inline struct folio *folio_alloc(gfp_t gfp, unsigned int order)
 	virt_to_page(mem)->kc_order = order;
 	return page_folio(virt_to_page(mem));
 }
-#define folio_put(folio) kc_free_pages(folio_address(folio))
+#define folio_put(folio) kc_put_page(&(folio)->page)
 /* A block that is not a compound page: each of its pages is its own order-0 folio. */
 static inline struct page *alloc_pages(gfp_t gfp, unsigned int order)
 {
