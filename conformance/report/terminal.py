@@ -12,12 +12,12 @@ from .style import RICH
 def summary_table(report: Report) -> Table:
     """One row per cell with coloured status counts, for the terminal."""
     table = Table(title=report.title)
-    for col, justify in (("kernel", "left"), ("page shift", "right"), ("flavor", "left")):
+    for col, justify in (("kernel", "left"), ("page shift", "right"), ("flavor", "left")):  # kernel: or a handover
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for s in STATUSES:
         table.add_column(s, justify="right", style=RICH[s])
     for c in report.cells:
         n = c.counts()
-        table.add_row(rich_escape(c.kernel), str(c.page_shift), rich_escape(c.flavor),
+        table.add_row(rich_escape(c.kernels), str(c.page_shift), rich_escape(c.flavor),
                       *(str(n[s]) if n[s] else "[dim]0[/dim]" for s in STATUSES))
     return table
