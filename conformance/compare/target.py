@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from reference.outcome import Outcome
+from reference.outcome import OpResult, Outcome
 from reference.profiles import Profile, select_profile
-from reference.program import Program
+from reference.program import NOT_RUN, Program
 
 from ..errors import KhoConformError
 from ..native.binding import NativeKernel
@@ -79,10 +79,10 @@ class Pair:
         if k is None:
             return self.old.run(program)
         old = self.old.run(Program(program.header, program.steps[: k + 1]))
-        if old.image is None:
-            # No handover (KHO disabled, or the old kernel cut short): the
-            # ops after kexec run in the old kernel, or never.
-            return self.old.run(program) if len(program.steps) > k + 1 else old
+        if old.image is None and old.events:  # the old kernel was cut short: nothing after it runs
+            return replace(old, ops=old.ops + (OpResult(NOT_RUN),) * (len(program.steps) - k - 1))
+        if old.image is None:  # KHO disabled: no handover, the ops after kexec run in the old kernel
+            return self.old.run(program)
         new = self.next.native.restore(old.image, program.header, program.steps[k + 1 :])
         # Whatever happened at op k and after in the old library's run was
         # its own next kernel's doing: the next kernel here is the other's.
