@@ -16,6 +16,7 @@ And a handover row for every ordered pair of the sources (or of each source
 with each ``partners`` kernel, both ways), per page shift and flavor: the old
 kernel of one hands over to the next kernel of the other, through the
 scenarios, the state machine and a fuzz run.
+
 Known kernel bugs (corpus/known/) are reported as known, not hidden. A new
 failure is saved as a finding (minimized, ``corpus/crashes/<signature>/``),
 once per signature, so that it can be replayed, mailed and exported.

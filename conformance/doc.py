@@ -21,9 +21,10 @@ radix tree's constants as a build of the tree computes them
 
 A compatible string is matched to the definition of the same name without
 its version (``kho-v3`` to ``KHO_FDT_COMPATIBLE "kho-v4"``); a name to the
-definition with that value, or, failing that, a definition sharing a word
-with it (a renamed property); a name no definition comes near is defined in
-code the suite does not read, and its check is skipped, saying so. Known
+definition with that value, or, failing that, a string its own header
+defines sharing a word with it (a renamed property); a name nothing comes
+near is an example or defined in code the suite does not read, and its
+check is skipped, saying so. Known
 documentation slips are ``corpus/known/`` records of kind "documentation"
 listing the checks they explain (``doc_checks``). Reports name constants and
 names, never quote the documentation's text.
@@ -36,8 +37,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compare.target import target_for
 from .compare.triage import known_doc_slip
+from .native.binding import NativeKernel
 from .native.build import build
 from .report import CheckResult
 from .source import KernelSource
@@ -231,7 +232,7 @@ def code_constants(source: KernelSource) -> Constants:
 
     def at(page_shift: int) -> dict[str, int]:
         if page_shift not in cache:
-            native = target_for(build(source, page_shift, "plain")).native
+            native = NativeKernel(build(source, page_shift, "plain"))
             c = native.abi_constants()
             figures = {"depth": c["depth"], "root-level": c["depth"] - 1, "pfn-bits": c["key_width"] - 1,
                        "bitmap-bits": c["bitmap_log2"]}
