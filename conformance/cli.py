@@ -31,6 +31,14 @@ def _kernel_args(p: argparse.ArgumentParser, page_shift_default: int | None = 12
                    help="kernel PAGE_SHIFT (default: %(default)s)" if page_shift_default else "kernel PAGE_SHIFT (default: the finding's, else 12)")
 
 
+def _handover_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a live update across versions (one of)").add_mutually_exclusive_group()
+    g.add_argument("--handover-to", metavar="VERSION",
+                   help="the kernel above hands over to the next kernel of this released version (e.g. 7.3)")
+    g.add_argument("--handover-from", metavar="VERSION",
+                   help="the kernel above boots from the handover image of this released version's old kernel")
+
+
 def _flavor_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flavor", choices=("plain", "asan", "fuzz"),
                    help="build flavor (default: the finding's, else plain)")
@@ -67,10 +75,32 @@ def _reproduce_flags(args: argparse.Namespace) -> str:
 
 
 def _target(args: argparse.Namespace):
-    from .compare.target import target_for
+    """The kernel the options select, or its handover to or from another
+    (``--handover-to``/``--handover-from``, or the finding's own)."""
+    from .compare.target import Pair, target_for
     from .native.build import build
 
-    return target_for(build(_source(args), args.page_shift, args.flavor))
+    main = target_for(build(_source(args), args.page_shift, args.flavor))
+    partner = _partner(args)
+    if partner is None:
+        return main
+    other = target_for(build(partner, args.page_shift, args.flavor))
+    return Pair(other, main) if getattr(args, "handover_from", None) else Pair(main, other)
+
+
+def _partner(args: argparse.Namespace):
+    """The other kernel of a handover the options (or the finding) name, or None."""
+    from .source import resolve
+
+    version = getattr(args, "handover_to", None) or getattr(args, "handover_from", None)
+    if version:
+        return resolve(version, None, None, None)
+    finding = getattr(args, "finding", None)
+    if finding and "next" in finding:
+        from fuzz.minimize import finding_next_source
+
+        return finding_next_source(finding)
+    return None
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
@@ -126,11 +156,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     load_known()  # a broken known-finding record: one line naming it, before any work
     if args.kernel_tree or args.kernel_tarball:
         sources = [resolve(None, args.kernel_tree, args.kernel_tarball, args.patch, commits=args.commits)]
+        selections = {sources[0].digest(): _reproduce_flags(args)}
     else:
         sources = [resolve(k, None, None, args.patch) for k in (args.kernel or [DEFAULT_KERNEL])]
+        patch = f" --patch {args.patch}" if args.patch else ""
+        selections = {s.digest(): f"--kernel {s.version}{patch}" for s in sources}
+    partners = [resolve(v, None, None, None) for v in args.handover_with or ()]
+    selections |= {p.digest(): f"--kernel {p.version}" for p in partners}
     plan = Plan(sources=sources, page_shifts=tuple(args.page_shift), flavors=tuple(args.flavor), examples=args.examples,
                 fuzz_seconds=args.fuzz_time, crashes_dir=args.crashes, work_dir=args.out / "fuzz", coverage=args.coverage,
-                reproduce_flags=" ".join(f"--kernel {s.version}" for s in sources[:1]) if not (args.kernel_tree or args.kernel_tarball) else _reproduce_flags(args))
+                selections=selections, partners=partners)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("check", total=None)
         report = run_check(plan, args.out, progress=lambda s: bar.update(task, description=s))
@@ -154,8 +189,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_fuzz(args: argparse.Namespace) -> int:
     from fuzz.runner import run_fuzz
 
-    source = _source(args)
-    stats = run_fuzz(source=source, page_shift=args.page_shift, corpus_dir=args.corpus, jobs=args.jobs,
+    source, partner = _source(args), _partner(args)
+    old, new = (partner, source) if args.handover_from else (source, partner)
+    stats = run_fuzz(source=old, next_source=new, page_shift=args.page_shift, corpus_dir=args.corpus, jobs=args.jobs,
                      seconds=args.time, crashes_dir=args.crashes, live=True)
     out.print(f"{stats.execs} execs, {stats.exec_per_s:.0f} exec/s, coverage {stats.coverage}, "
               f"corpus {stats.corpus} (started from {stats.started_from}), {len(stats.new_findings)} new findings")
@@ -327,10 +363,14 @@ def parser() -> argparse.ArgumentParser:
                    help="also measure the kernel file's line/branch coverage (scenarios, state machine, fuzz corpus), "
                         "with the patch's lines marked")
     c.add_argument("--email", type=Path, metavar="FILE", help="also write the report as plain text to mail (72 columns)")
+    c.add_argument("--handover-with", action="append", metavar="VERSION",
+                   help="released kernel the kernel under test hands over to and boots from (both directions; repeat "
+                        "for several); default: handovers between the --kernel versions themselves")
     c.set_defaults(fn=cmd_check)
 
     f = sub.add_parser("fuzz", help="fuzz continuously with libFuzzer's fork mode; resumable corpus; live stats")
     _kernel_args(f)
+    _handover_args(f)
     f.add_argument("--jobs", type=_count(1), default=1, help="libFuzzer workers (default %(default)s)")
     f.add_argument("--time", type=_count(1), default=60, metavar="SECONDS", help="how long to fuzz (default %(default)s)")
     f.add_argument("--crashes", type=Path, default=Path("corpus/crashes"))
@@ -342,6 +382,7 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("replay", help="reproduce a finding or run a hand-written program, printing its trace")
     _kernel_args(r, page_shift_default=None)
+    _handover_args(r)
     _flavor_arg(r)
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.add_argument("file", type=Path, metavar="FILE")
@@ -349,6 +390,7 @@ def parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("minimize", help="minimize a diverging program, keeping its divergence signature")
     _kernel_args(m, page_shift_default=None)
+    _handover_args(m)
     _flavor_arg(m)
     m.add_argument("--out", type=Path)
     m.add_argument("file", type=Path, metavar="FILE")

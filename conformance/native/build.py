@@ -57,7 +57,6 @@ class Build:
     compiler: str
     api: str
     compatible: str
-    doc_compatible: str
     unit_bytes: int
     scratch_overlap: bool  # the tree defines kho_scratch_overlap() (public API since 7.3)
     kept: list[tuple[str, int, int]] = field(default_factory=list)  # (names, first line, last line) in KHO_C
@@ -103,8 +102,7 @@ def save_bundle(b: Build, directory: Path) -> Path:
     meta = {
         "source": b.source.identity(),
         "build": {"flavor": b.flavor, "compiler": b.compiler, "api": b.api, "compatible": b.compatible,
-                  "doc_compatible": b.doc_compatible, "unit_bytes": b.unit_bytes, "scratch_overlap": b.scratch_overlap,
-                  "kept": b.kept, "sites": b.sites},
+                  "unit_bytes": b.unit_bytes, "scratch_overlap": b.scratch_overlap, "kept": b.kept, "sites": b.sites},
         "page_shift": b.page_shift,
     }
     (directory / BUNDLE_META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -242,7 +240,7 @@ def _compile(source: KernelSource, page_shift: int, flavor: str, cc: str, work: 
     strict_link = ["-Wl,--no-undefined"] if flavor == "plain" else _flags(flavor)
     run_compiler([cc, "-shared", *strict_link, "-o", str(work / "libkho.so"), *map(str, objs), "-ldl", "-lc"], "the library")
     return {
-        "compiler": cc, "api": ex.api, "compatible": ex.compatible, "doc_compatible": ex.doc_compatible,
+        "compiler": cc, "api": ex.api, "compatible": ex.compatible,
         "unit_bytes": len(ex.unit.encode()), "scratch_overlap": ex.features["KC_HAS_SCRATCH_OVERLAP"] == "1",
         "kept": ex.kept, "dropped": ex.dropped,
         "sites": _sites(source.root / KHO_C, ex.kept),

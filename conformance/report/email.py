@@ -93,6 +93,9 @@ def render_email(report: Report) -> str:
         out += _wrap(f"source: {s.get('provider', '?')}", "  ", "      ")
         for i, (name, sha) in enumerate(s.get("patches") or [], 1):
             out += _wrap(f"patch {i}: {name} (sha256 {sha[:12]})", "  ", "      ")
+    handovers = list(dict.fromkeys(c.kernels for c in report.cells if c.next_kernel))
+    if handovers:
+        out += _wrap(f"handovers across versions: {', '.join(handovers)}", "  ", "      ")
     shifts = sorted({c.page_shift for c in report.cells})
     flavors = list(dict.fromkeys(c.flavor for c in report.cells))
     out += _wrap(f"page shifts: {', '.join(map(str, shifts)) or '-'}; flavors: {', '.join(flavors) or '-'}", "  ", "      ")

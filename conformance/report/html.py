@@ -30,6 +30,7 @@ from .schema import (
     divergence_fields,
     new_findings,
     source_label,
+    sources_label,
     unique_sources,
     worst,
 )
@@ -118,7 +119,7 @@ def _divergence(k: CheckResult, c: Cell) -> str:
     d = k.divergence or {}
     known = f" (known: {_e(k.known_id)})" if k.status == "known" else ""
     rows = [[f"<th>{label}</th>", f"<td><code>{_e(v)}</code></td>"] for label, v in divergence_fields(k)]
-    rows.append(["<th>kernel source</th>", f"<td>{_e(source_label(c.source))}</td>"])
+    rows.append(["<th>kernel source</th>", f"<td>{_e(sources_label(c))}</td>"])
     out = (f"<div class='div {k.status}'><p><strong>{_e(k.name)}</strong>{known}: {_e(k.detail)}</p>" + _table(["", ""], rows)
            + (f"<p>Expected (model):</p><pre>{_e(d.get('expected', ''))}</pre>"
               f"<p>Actual (kernel C):</p><pre>{_e(d.get('actual', ''))}</pre>" if d else ""))
@@ -138,7 +139,7 @@ def _drilldown(report: Report, families: dict[str, tuple[str, str]]) -> str:
         n = c.counts()
         # Headings, not a collapsed block: a link into a closed <details> would land on nothing visible.
         parts.append(f"<h3 id='{_slug('cell', i)}'>{_e(c.name)}: {_e(_counts_title(n))}</h3><p class='meta'>Source "
-                     f"{_e(source_label(c.source))}; build {c.build_seconds:.1f} s.</p>")
+                     f"{_e(sources_label(c))}; build {c.build_seconds:.1f} s.</p>")
         by_family: dict[tuple[str, str], list[CheckResult]] = {}
         for k in c.checks:
             by_family.setdefault(families[k.name], []).append(k)

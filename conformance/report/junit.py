@@ -16,9 +16,10 @@ def render_junit(report: Report) -> str:
         suite = ET.SubElement(root, "testsuite", name=clean(c.name), tests=str(len(c.checks)), failures=str(n["fail"]),
                               errors=str(n["error"]), skipped=str(n["skipped"]), time=f"{sum(k.seconds for k in c.checks):.3f}")
         props = ET.SubElement(suite, "properties")
-        for key in ("version", "provider"):
-            ET.SubElement(props, "property", name=f"source.{key}", value=clean(c.source.get(key, "")))
-        ET.SubElement(props, "property", name="source.files", value=short_digest(c.source))
+        for prefix, source in [("source", c.source)] + [("next_source", c.next_source)] * bool(c.next_kernel):
+            for key in ("version", "provider"):
+                ET.SubElement(props, "property", name=f"{prefix}.{key}", value=clean(source.get(key, "")))
+            ET.SubElement(props, "property", name=f"{prefix}.files", value=short_digest(source))
         for k in c.checks:
             case = ET.SubElement(suite, "testcase", name=clean(k.name), classname=clean(c.name), time=f"{k.seconds:.3f}")
             d = k.divergence or {}

@@ -14,7 +14,7 @@ from .schema import (
     divergence_fields,
     divergences,
     ranges_text,
-    source_label,
+    sources_label,
     unique_sources,
     verdict,
 )
@@ -46,10 +46,10 @@ def render_markdown(report: Report) -> str:
            "|---|---:|---|" + "---:|" * len(STATUSES) + ":-:|"]
     for c in report.cells:
         n = c.counts()
-        out.append(f"| {_md(c.kernel)} | {c.page_shift} | {_md(c.flavor)} | "
+        out.append(f"| {_md(c.kernels)} | {c.page_shift} | {_md(c.flavor)} | "
                    + " | ".join(str(n[s]) for s in STATUSES) + f" | {verdict(n)} |")
     for c in report.cells:
-        out += ["", f"## {_md(c.name)}", "", f"Source: {_md(source_label(c.source))}; build {c.build_seconds:.1f} s.", "",
+        out += ["", f"## {_md(c.name)}", "", f"Source: {_md(sources_label(c))}; build {c.build_seconds:.1f} s.", "",
                 "| check | status | seconds | detail |", "|---|---|---:|---|"]
         out += [f"| {_code(k.name)} | {SYMBOLS[k.status]} {k.status} | {k.seconds:.2f} | {_md(k.detail)} |" for k in c.checks]
     divs = divergences(report)
@@ -60,7 +60,7 @@ def render_markdown(report: Report) -> str:
         d = k.divergence or {}
         out += ["", f"### {_md(title)}", "", _md(k.detail), ""]
         out += [f"- {label}: {_code(value)}" for label, value in divergence_fields(k)]
-        out += [f"- kernel source: {_md(source_label(c.source))}", "", "Expected (model):", "",
+        out += [f"- kernel source: {_md(sources_label(c))}", "", "Expected (model):", "",
                 _fence(str(d.get("expected", ""))), "", "Actual (kernel C):", "", _fence(str(d.get("actual", "")))]
         if k.reproducer:
             out += ["", "Reproduce:", "", _fence(k.reproducer)]

@@ -14,7 +14,7 @@ from fuzz.stats import FuzzPoint
 
 from ..errors import KhoConformError
 from ..native.coverage import FileCoverage, FunctionCoverage
-from ..source.identity import short_digest
+from ..source.identity import handover_label, short_digest
 
 STATUSES = ("pass", "fail", "known", "error", "skipped")
 # Characters XML 1.0 forbids (and lone surrogates, which cannot be written as UTF-8).
@@ -40,6 +40,10 @@ class CheckResult:
 
 @dataclass
 class Cell:
+    """One row of the matrix: a kernel (``kernel``, ``source``) at a page
+    shift and flavor, or a handover from it to another kernel (``next_kernel``,
+    ``next_source``): the old kernel of one, the next kernel of the other."""
+
     kernel: str
     page_shift: int
     flavor: str
@@ -47,10 +51,20 @@ class Cell:
     checks: list[CheckResult]
     fuzz_timeline: list[FuzzPoint] = field(default_factory=list)
     build_seconds: float = 0.0
+    next_kernel: str = ""
+    next_source: dict = field(default_factory=dict)
+
+    @property
+    def kernels(self) -> str:
+        """"7.3.4", or "handover 7.2.13 → 7.3.4"."""
+        return handover_label(self.kernel, self.next_kernel) if self.next_kernel else self.kernel
 
     @property
     def name(self) -> str:
-        return f"{self.kernel} ps{self.page_shift} {self.flavor}"
+        return f"{self.kernels} ps{self.page_shift} {self.flavor}"
+
+    def sources(self) -> list[dict]:
+        return [self.source, self.next_source] if self.next_kernel else [self.source]
 
     def known_findings(self) -> list[str]:
         """The distinct known findings the cell's checks reached."""
@@ -117,7 +131,8 @@ def load_report(path: Path) -> Report:
             checks = [CheckResult(**k) for k in c.get("checks", [])]
             timeline = [FuzzPoint(**p) for p in c.get("fuzz_timeline", [])]
             cells.append(Cell(_required(c, "kernel", str), _required(c, "page_shift", int), _required(c, "flavor", str),
-                              c.get("source", {}), checks, timeline, c.get("build_seconds", 0.0)))
+                              c.get("source", {}), checks, timeline, c.get("build_seconds", 0.0),
+                              c.get("next_kernel", ""), c.get("next_source", {})))
         where = "the top level"
         where = "coverage"
         coverage = [_coverage(c) for c in data.get("coverage", [])]
@@ -151,6 +166,11 @@ def verdict(counts: dict[str, int]) -> str:
 
 def source_label(source: dict) -> str:
     return f"{source.get('version', '?')} via {source.get('provider', '?')} (files {short_digest(source)})"
+
+
+def sources_label(cell: Cell) -> str:
+    """The cell's kernel source, or for a handover: old kernel's → next kernel's."""
+    return " → ".join(map(source_label, cell.sources()))
 
 
 def divergences(report: Report) -> list[tuple[Cell, CheckResult]]:
@@ -225,7 +245,8 @@ def check_names(report: Report) -> list[str]:
 def unique_sources(report: Report) -> list[dict]:
     seen: dict[str, dict] = {}
     for cell in report.cells:
-        seen.setdefault(json.dumps(cell.source, sort_keys=True, default=str), cell.source)
+        for source in cell.sources():
+            seen.setdefault(json.dumps(source, sort_keys=True, default=str), source)
     return list(seen.values())
 
 
