@@ -195,14 +195,17 @@ def _cached(final: Path) -> dict | None:
     return None
 
 
-def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, force: bool = False) -> Build:
-    """Build (or reuse) the library of the kernel's KHO code for one source, page shift and flavor."""
+def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, force: bool = False,
+          builds: Path | None = None) -> Build:
+    """Build (or reuse) the library of the kernel's KHO code for one source,
+    page shift and flavor, in ``builds`` (default: the cache's; a mutant's
+    build goes into its own scratch directory)."""
     if flavor not in FLAVORS:
         raise KhoConformError(f"unknown flavor '{flavor}': use one of {', '.join(FLAVORS)}")
     if page_shift not in PAGE_SHIFTS:
         raise KhoConformError(f"page shift {page_shift} is not modelled: use one of {PAGE_SHIFTS}")
     key = f"{source.digest()[:16]}-{_project_inputs_digest()}-ps{page_shift}-{flavor}"
-    final = cache_dir() / "builds" / key
+    final = (builds or cache_dir() / "builds") / key
     library = final / "libkho.so"
     if not force and (meta := _cached(final)) is not None:
         # Before looking for a compiler: a cached library loads without one.

@@ -146,6 +146,22 @@ def preprocess(staged: Path, page_shift: int, cc: str) -> str:
     return proc.stdout
 
 
+def lines_of(text: str, path: str) -> dict[int, str]:
+    """The lines of a preprocessed unit that come from the file ``path``, by
+    their line number in that file (the preprocessor's line markers)."""
+    out: dict[int, str] = {}
+    file, line = "", 0
+    for raw in text.splitlines():
+        m = _LINE_MARKER.match(raw)
+        if m:
+            line, file = int(m.group(1)), m.group(2)
+            continue
+        if file.endswith(path) and not raw.startswith("#"):
+            out[line] = raw
+        line += 1
+    return out
+
+
 def split_items(text: str) -> list[Item]:
     """Split a preprocessed unit into top-level declarations and definitions."""
     items: list[Item] = []
@@ -199,9 +215,15 @@ def split_items(text: str) -> list[Item]:
     return [it for it in items if it.text not in ("", ";")]
 
 
-def _strip_gnu(text: str) -> str:
-    """Remove GNU syntax pycparser does not know; only for analysis, the
-    emitted unit keeps the original text."""
+def blank(text: str) -> str:
+    """``text`` as spaces, its line breaks kept."""
+    return re.sub(r"[^\n]", " ", text)
+
+
+def strip_gnu(text: str) -> str:
+    """Blank out GNU syntax pycparser does not know; only for analysis, the
+    emitted unit keeps the original text. Lines and columns stay where they
+    were, so coordinates in the parsed tree are those of ``text``."""
     out, i = [], 0
     pattern = re.compile(r"\b(__attribute__|__asm__|__asm)\s*\(")
     while True:
@@ -216,9 +238,11 @@ def _strip_gnu(text: str) -> str:
             j += 1
             if depth == 0:
                 break
+        out.append(blank(text[m.start() : j]))
         i = j
+    text = _GNU_NOISE.sub(lambda m: blank(m[0]), "".join(out))
     # typeof only names a type here: any type parses the same
-    return _TYPEOF.sub("int", _GNU_NOISE.sub("", "".join(out)))
+    return _TYPEOF.sub(lambda m: "int" + blank(m[0][3:]), text)
 
 
 class _Refs(c_ast.NodeVisitor):
@@ -261,7 +285,7 @@ _TYPEDEF_FN = re.compile(r"\(\s*\*\s*(\w+)\s*\)")
 _LAST_IDENT = re.compile(r"(\w+)\s*(\[[^\]]*\]\s*)*$")
 
 
-def _typedef_names(item_text: str) -> set[str]:
+def typedef_names(item_text: str) -> set[str]:
     body = item_text.rstrip(";").strip()
     if not body.startswith("typedef"):
         return set()
@@ -279,20 +303,20 @@ def analyse(items: list[Item]) -> None:
     parser = c_parser.CParser()
     typedefs: list[str] = []
     for item in items:
-        text = _strip_gnu(item.text)
+        text = strip_gnu(item.text)
         prelude = "".join(f"typedef int {t};\n" for t in typedefs)
         try:
             ast = parser.parse(prelude + text, filename=item.file)
         except (ParseError, AssertionError) as e:
             item.parse_error = str(e).split("\n")[0]
-            item.defines = _typedef_names(item.text) or _guess_defined(item.text)
+            item.defines = typedef_names(item.text) or _guess_defined(item.text)
         else:
             for node in ast.ext[len(typedefs):]:
                 item.defines |= _defined_names(node)
                 refs = _Refs()
                 refs.visit(node)
                 item.refs |= refs.names
-        typedefs.extend(sorted(_typedef_names(item.text) - set(typedefs)))
+        typedefs.extend(sorted(typedef_names(item.text) - set(typedefs)))
 
 
 _FUNC_NAME = re.compile(r"(\w+)\s*\(")
