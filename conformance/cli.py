@@ -289,7 +289,8 @@ def cmd_mutate(args: argparse.Namespace) -> int:
         return 0
     lines = f", lines {', '.join(f'{a}-{b}' for a, b in p.lines)} of the series" if p.lines else ""
     resumed = f"; {len(p.done)} already done in {args.out / STATE}" if p.done else ""
-    console.print(f"{len(p.mutants)} mutants of {len(p.functions)} functions{lines}{resumed}", highlight=False)
+    console.print(f"{len(p.mutants)} mutants of {len(p.functions)} function{'s' * (len(p.functions) != 1)}{lines}{resumed}",
+                  highlight=False)
     counts = {"killed": 0, "survived": 0, "did-not-build": 0, "timed-out": 0}
     for r in p.done.values():
         counts[r.status] += 1

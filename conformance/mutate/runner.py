@@ -44,7 +44,7 @@ from ..compare.target import target_for
 from ..compare.triage import triage
 from ..corpus import seeds_dir
 from ..errors import KhoConformError
-from ..native.build import build
+from ..native.build import build, rebuild
 from ..report.schema import MutantResult, MutationResult
 from ..source import KernelSource, cache_dir
 from ..source.cache import hash_files
@@ -155,8 +155,9 @@ def run_worker(spec: dict) -> dict:
     mutant = Mutant.from_json(spec["mutant"])
     baseline = json.loads(Path(spec["baseline"]).read_text())["checks"]
     with processes.temp_dir(Path(spec["scratch"]), prefix=f"{mutant.id}-") as work:
-        try:
-            b = build(mutant_source(source, mutant, work / "tree"), ps, "plain", builds=work / "builds")
+        try:  # the unmutated build's extraction and objects, its kernel unit mutated and compiled again
+            b = rebuild(build(source, ps), lambda unit: apply(unit, mutant.edits), mutant_source(source, mutant, work / "tree"),
+                        work / "build")
         except KhoConformError as e:
             return {"status": "did-not-build", "detail": str(e)[:300]}
         target = target_for(b)

@@ -324,7 +324,7 @@ def mutation_summary(r: MutationResult) -> str:
     built = n["killed"] + n["timed-out"] + n["survived"]
     median = r.median_kill_seconds()
     return (f"Mutation score {percent(r.score())} (killed and timed-out of the {built} mutants that built): "
-            f"{len(r.mutants)} mutants of {len(r.functions)} functions, {n['killed']} killed, {n['survived']} survived, "
+            f"{len(r.mutants)} mutants of {len(r.functions)} function{'s' * (len(r.functions) != 1)}, {n['killed']} killed, {n['survived']} survived, "
             f"{n['did-not-build']} did not build, {n['timed-out']} timed out; median time to kill "
             + ("–" if median is None else f"{median:.1f} s") + ".")
 
