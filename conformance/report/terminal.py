@@ -26,7 +26,7 @@ def summary_table(report: Report) -> Table:
 def mutation_table(r: MutationResult) -> Table:
     """One row per mutated function: its mutants by status and its score."""
     table = Table(title=f"mutants of {r.kernel} ps{r.page_shift}", caption=mutation_summary(r))
-    table.add_column("function")
+    table.add_column("function", overflow="fold")
     for col in ("mutants", *MUTANT_STATUSES, "score"):
         table.add_column(col, justify="right")
     for f, n, score in mutation_rows(r):
