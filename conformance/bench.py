@@ -2,9 +2,11 @@
 
 (a) the native kernel through the binding, (b) the model alone, (c) the full differential run
 (both, compared, handover checked both ways), (d) the atheris entry point with
-native coverage, on fixed programs of 16 and 256 ops; the ratio (c)/(a); and
+native coverage, on fixed programs of 16 and 256 ops; the ratio (c)/(a);
 time and peak memory of model and C for 10^5 and 10^6 scattered preserved
-pages (each measured in a fresh process, so peak RSS is its own).
+pages (each measured in a fresh process, so peak RSS is its own); and (e) the
+median time ``kho-conform mutate`` takes to kill a mutant (build included),
+over an evenly spread sample of the mutants, one at a time.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -119,6 +122,19 @@ def _atheris_rate(source: KernelSource, page_shift: int, seconds: int) -> float:
     return stats.mean_exec_per_s
 
 
+def _time_to_kill(source: KernelSource, page_shift: int, sample: int) -> dict:
+    """Run every n-th mutant of the reached functions, one job, in a scratch
+    output directory; the median seconds from start to kill."""
+    from .mutate import Settings, plan, run_mutation
+
+    settings = Settings(page_shift=page_shift, jobs=1)
+    with temp_dir(prefix="kho-bench-") as tmp:  # removed even if bench is killed
+        p = plan(source, settings, tmp)
+        p = replace(p, mutants=p.mutants[:: max(1, len(p.mutants) // sample)][:sample])
+        r = run_mutation(source, settings, tmp, p)
+    return {"mutants": len(r.mutants), **r.counts(), "median_kill_seconds": r.median_kill_seconds(), "seconds": r.seconds}
+
+
 def run_bench(source: KernelSource, page_shift: int, *, quick: bool, console: Console) -> dict:
     from reference import model
 
@@ -155,5 +171,10 @@ def run_bench(source: KernelSource, page_shift: int, *, quick: bool, console: Co
         results["scattered"][n] = {"model": m, "c": c}
         mem.add_row(f"{n:,}", f"{m['seconds']:.2f}", f"{m['peak_mib']:.0f}", f"{c['seconds']:.2f}", f"{c['peak_mib']:.0f}")
     console.print(mem)
+
+    k = results["mutation"] = _time_to_kill(source, page_shift, sample=8 if quick else 30)
+    median = "–" if k["median_kill_seconds"] is None else f"{k['median_kill_seconds']:.2f} s"
+    console.print(f"(e) mutate: median time to kill a mutant {median} ({k['killed']} killed, {k['survived']} survived, "
+                  f"{k['did-not-build']} did not build, {k['timed-out']} timed out of {k['mutants']} sampled; {k['seconds']:.0f} s)")
     console.print_json(json.dumps(results))
     return results

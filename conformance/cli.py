@@ -304,6 +304,53 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def cmd_mutate(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .check import tool_version
+    from .mutate import Settings, plan, run_mutation
+    from .mutate.runner import STATE
+    from .report import Report, mutation_table, write_report
+
+    source = _source(args)
+    settings = Settings(args.page_shift, args.fuzz_inputs, args.timeout, args.jobs)
+    functions = [f for item in args.functions or () for f in item.split(",") if f]
+    with console.status(f"generating the mutants of {source.version} ps{args.page_shift}"):
+        p = plan(source, settings, args.out, functions or None)
+    if args.list:
+        for m in p.mutants:
+            out.print(f"{m.name}  {m.description}", markup=False, highlight=False)
+        return 0
+    lines = f", lines {', '.join(f'{a}-{b}' for a, b in p.lines)} of the series" if p.lines else ""
+    resumed = f"; {len(p.done)} already done in {args.out / STATE}" if p.done else ""
+    console.print(f"{len(p.mutants)} mutants of {len(p.functions)} function{'s' * (len(p.functions) != 1)}{lines}{resumed}",
+                  highlight=False)
+    counts = {"killed": 0, "survived": 0, "did-not-build": 0, "timed-out": 0}
+    for r in p.done.values():
+        counts[r.status] += 1
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("mutants", total=len(p.mutants), completed=len(p.done))
+
+        def progress(r) -> None:
+            counts[r.status] += 1
+            bar.update(task, advance=1, description=", ".join(f"{n} {s}" for s, n in counts.items()))
+
+        result = run_mutation(source, settings, args.out, p, progress)
+    report = Report(title=f"KHO mutation testing: {source.version} ps{args.page_shift}", tool_version=tool_version(),
+                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"), cells=[], mutation=[result])
+    paths = write_report(report, args.out)
+    for m in result.survivors():
+        out.print(f"survived {m.name}  {m.description}", markup=False, highlight=False)
+        out.print(m.diff.rstrip("\n"), markup=False, highlight=False)
+    out.print(mutation_table(result))
+    for kind, path in paths.items():
+        out.print(f"{kind:9} {path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -411,6 +458,20 @@ def parser() -> argparse.ArgumentParser:
                                                             "here and run it: on the finding's kernel, or the one given)")
     _kernel_args(ex, page_shift_default=None)
     ex.set_defaults(fn=cmd_export)
+
+    mu = sub.add_parser("mutate", help="measure the suite's oracle: mutants of the reached KHO functions, each built and "
+                                        "held to the model by the scenarios and a fuzz budget; killed/survived per function")
+    _kernel_args(mu)
+    mu.add_argument("--functions", nargs="+", metavar="NAME", help="mutate only these functions (names or a comma list)")
+    mu.add_argument("--jobs", type=_count(1), default=1, help="mutants built and run at once (default %(default)s)")
+    mu.add_argument("--fuzz-inputs", type=_count(0), default=200, metavar="N",
+                    help="random fuzzer inputs after the scenarios and seeds (default %(default)s)")
+    mu.add_argument("--timeout", type=_count(1), default=120, metavar="SECONDS",
+                    help="wall-clock budget per mutant, its build included (default %(default)s)")
+    mu.add_argument("--out", type=Path, default=Path("reports/mutate"),
+                    help="the report and the resumable state, mutants.jsonl (default %(default)s)")
+    mu.add_argument("--list", action="store_true", help="only list the mutants")
+    mu.set_defaults(fn=cmd_mutate)
 
     be = sub.add_parser("bench", help="executions per second and memory of the native kernel, the model and the differential run")
     _kernel_args(be)

@@ -7,12 +7,17 @@ from typing import Any
 
 from ..source.identity import short_digest
 from .schema import (
+    MUTANT_STATUSES,
     STATUSES,
     CoverageResult,
+    MutationResult,
     Report,
     clean,
     divergence_fields,
     divergences,
+    mutation_rows,
+    mutation_settings,
+    mutation_summary,
     ranges_text,
     sources_label,
     unique_sources,
@@ -73,6 +78,8 @@ def render_markdown(report: Report) -> str:
             out.append(f"| {_md(c.name)} | {p.seconds:.0f} | {p.execs} | {p.exec_per_s:.0f} | {p.coverage} | {p.corpus} | {p.findings} |")
     for r in report.coverage:
         out += _coverage(r)
+    for m in report.mutation:
+        out += _mutation(m)
     if report.notes:
         out += ["", "## Notes", ""] + [f"- {_md(n)}" for n in report.notes]
     out += ["", "## Kernel sources"]
@@ -99,4 +106,24 @@ def _coverage(r: CoverageResult) -> list[str]:
     out += ["", "| function | line | calls | lines executed | changed lines executed |", "|---|---:|---:|---:|---:|"]
     out += [f"| {_code(fn.name)} | {fn.line} | {fn.calls} | {fn.covered}/{fn.lines} | "
             f"{f'{fn.changed_covered}/{fn.changed}' if fn.changed else ''} |" for fn in f.functions]
+    return out
+
+
+def _mutation(r: MutationResult) -> list[str]:
+    out = ["", f"## Mutation: {_md(r.kernel)} ps{r.page_shift}", "", _md(mutation_summary(r)), "", _md(mutation_settings(r)), "",
+           "| function | mutants | " + " | ".join(MUTANT_STATUSES) + " | score |", "|---|---:|" + "---:|" * len(MUTANT_STATUSES) + "---:|"]
+    out += [f"| {_code(f)} | {sum(n.values())} | " + " | ".join(str(n[s]) for s in MUTANT_STATUSES) + f" | {score} |"
+            for f, n, score in mutation_rows(r)]
+    survivors = r.survivors()
+    if survivors:
+        out += ["", f"### Survivors ({len(survivors)})"]
+    for m in survivors:
+        out += ["", f"#### {_code(m.name)} {_md(m.description)}", "", _fence(m.diff.rstrip("\n")), ""]
+        out += (["The kernel behaved otherwise than unmutated, with the same verdicts, on:", ""] + [f"- {_md(c)}" for c in m.changed]
+                if m.changed else ["The kernel behaved as unmutated on every check."])
+    others = [m for m in r.mutants if m.status in ("did-not-build", "timed-out")]
+    if others:
+        out += ["", f"### Did not build or timed out ({len(others)})", "", "| mutant | change | status | detail |", "|---|---|---|---|"]
+        out += [f"| {_code(m.name)} | {_md(m.description)} | {m.status} | {_md(m.detail)} |"
+                for m in others]
     return out
