@@ -344,3 +344,16 @@ def test_strscpy(probe):
 def test_strscpy_count_above_int_max(probe):
     cases = [(b"abc\0", INT_MAX + 1), (b"abc\0", M)]
     assert _strscpy(probe, cases) == [strscpy_ref(s, n) for s, n in cases]
+
+
+# ---- kvmalloc ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 511, 512, 513, 1 << 20])
+def test_kvmalloc_arrays_end_at_a_guard_page(probe, n):
+    """A kernel that writes past a kvmalloc'd array (a restore that trusts a
+    corrupt descriptor) faults at once, contained, instead of corrupting the
+    host's heap; every index inside the array is writable."""
+    assert probe.ints([f"kvmalloc_store {n} 0", f"kvmalloc_store {n} {n - 1}"]) == [8 * n, 8 * n]
+    proc = subprocess.run([str(probe.exe)], input=f"kvmalloc_store {n} {n}\n", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -11 and proc.stdout == "", (proc.returncode, proc.stdout)

@@ -184,6 +184,16 @@ int main(void)
 			printf("\n");
 			continue;
 		}
+		if (!strcmp(f, "kvmalloc_store")) {
+			/* store one pointer at index b of a fresh kvmalloc'd array of a pointers */
+			void **array = kc_kvmalloc_array(a, sizeof(void *));
+
+			fflush(stdout);
+			array[b] = array;
+			printf("%lu\n", ((unsigned long *)array)[-2]);
+			kc_kvfree(array);
+			continue;
+		}
 		printf("?\n");
 	}
 	return 0;

@@ -614,24 +614,63 @@ void kc_free_vm_area(struct vm_struct *area)
 		}
 }
 
-/* Arrays carry their size in front, so that vmap can tell where one ends. */
+/*
+ * Arrays carry their size in front, so that vmap can tell where one ends.
+ * Without ASan (which reports an overflow with its stack), an array ends at a
+ * PROT_NONE page: a kernel that writes past it faults, and the fault is
+ * contained, instead of corrupting the host's heap.
+ */
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KC_HAS_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) && !defined(KC_HAS_ASAN)
+#define KC_HAS_ASAN 1
+#endif
+
+#define KC_HOST_PAGE 4096UL
+
 void *kc_kvmalloc_array(unsigned long n, unsigned long size)
 {
-	unsigned long *p;
+	unsigned long *p, bytes;
 
-	if (size && n > ~0UL / size)
+	if (size && n > (~0UL - 4 * KC_HOST_PAGE) / size)
 		return NULL;
-	p = calloc(1, n * size + sizeof(*p) * 2);
+	bytes = n * size + sizeof(*p) * 2;
+#ifdef KC_HAS_ASAN
+	p = calloc(1, bytes);
 	if (!p)
 		return NULL;
+#else
+	{
+		unsigned long data = (bytes + KC_HOST_PAGE - 1) & ~(KC_HOST_PAGE - 1);
+		char *base = mmap(NULL, data + KC_HOST_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+				  -1, 0);
+
+		if (base == MAP_FAILED)
+			return NULL;
+		mprotect(base + data, KC_HOST_PAGE, PROT_NONE);
+		/* 8-byte aligned (pointers), less than a page from the mapping's start */
+		p = (unsigned long *)(base + ((data - bytes) & ~7UL));
+		p[1] = data + KC_HOST_PAGE;
+	}
+#endif
 	p[0] = n * size;
 	return p + 2;
 }
 
 void kc_kvfree(const void *p)
 {
-	if (p)
-		free((unsigned long *)p - 2);
+	unsigned long *head = (unsigned long *)p - 2;
+
+	if (!p)
+		return;
+#ifdef KC_HAS_ASAN
+	free(head);
+#else
+	munmap((void *)((unsigned long)head & ~(KC_HOST_PAGE - 1)), head[1]);
+#endif
 }
 
 /* vmap_pages_range(): map the area's pages, a block of 2^(shift - PAGE_SHIFT)
@@ -665,7 +704,7 @@ int kc_vmap_pages(unsigned long addr, unsigned long end, struct page **pages, un
 static void forget_vm_areas(void)
 {
 	for (unsigned long i = 0; i < nareas; i++) {
-		free(areas[i]->pages ? (unsigned long *)areas[i]->pages - 2 : NULL);
+		kc_kvfree(areas[i]->pages);
 		free(areas[i]);
 	}
 	nareas = next_area_offset = 0;
