@@ -229,3 +229,14 @@ def test_handover_rows_in_every_format(tmp_path: Path) -> None:
     assert HANDOVER in console.export_text()
     assert HANDOVER in rp.render_email(report)
 
+
+
+def test_checks_summary_counts_checks_and_names_known_findings_apart() -> None:
+    """Three checks known by one finding are three checks and one known
+    finding: the headline's total is the number of checks."""
+    known = [CheckResult(f"scenario.k{i}", "known", 0.0, "", known_id="numa-endpoint-check") for i in range(3)]
+    cell = Cell("7.2.13", 12, "plain", SOURCE, [CheckResult("abi.constants", "pass"), *known])
+    line = rp.checks_summary([cell])
+    assert line == "4 checks in 1 cell: 1 pass, 3 known (1 known finding)"
+    report = Report("KHO conformance", "2025-01-02T03:04:05+00:00", "0.1.0", [cell])
+    assert line in rp.render_html(report) and "4 checks in 1 cell" in rp.render_email(report)

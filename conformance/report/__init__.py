@@ -21,13 +21,15 @@ from .schema import (
     MutantResult,
     MutationResult,
     Report,
+    checks_summary,
     exit_status,
     load_report,
 )
 from .terminal import mutation_table, summary_table
 
 __all__ = ["STATUSES", "Cell", "CheckResult", "CoverageResult", "FuzzPoint", "MutantResult", "MutationResult", "Report",
-           "exit_status", "load_report", "mutation_table", "render_email", "summary_table", "write_report"]
+           "checks_summary", "exit_status", "load_report", "mutation_table", "render_email", "render_html", "summary_table",
+           "write_report"]
 
 
 def write_report(report: Report, out_dir: Path) -> dict[str, Path]:

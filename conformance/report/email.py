@@ -15,7 +15,7 @@ from __future__ import annotations
 import textwrap
 
 from ..source.identity import short_digest
-from .schema import STATUSES, Report, exit_status, mutation_summary, new_findings, ranges_text, unique_sources
+from .schema import STATUSES, Report, checks_summary, exit_status, mutation_summary, new_findings, ranges_text, unique_sources
 
 WIDTH = 72
 
@@ -99,8 +99,7 @@ def render_email(report: Report) -> str:
     shifts = sorted({c.page_shift for c in report.cells})
     flavors = list(dict.fromkeys(c.flavor for c in report.cells))
     out += _wrap(f"page shifts: {', '.join(map(str, shifts)) or '-'}; flavors: {', '.join(flavors) or '-'}", "  ", "      ")
-    counts = ", ".join(f"{total[s]} {s}" for s in STATUSES if total[s])
-    out += _wrap(f"checks: {sum(total.values())} in {len(report.cells)} cells ({counts or 'none'})", "  ", "      ")
+    out += _wrap(f"checks: {checks_summary(report.cells)}", "  ", "      ")
     out += _wrap(f"tool: kho-conform {report.tool_version}, report created {report.created}", "  ", "      ")
     out += ["", f"Verdict: {verdict}"]
     for n, f in enumerate(found, 1):

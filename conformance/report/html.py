@@ -28,6 +28,7 @@ from .schema import (
     Report,
     check_families,
     check_names,
+    checks_summary,
     clean,
     divergence_fields,
     mutation_rows,
@@ -345,8 +346,7 @@ def render_html(report: Report) -> str:
         link = " (<a href='#findings'>details</a>)" if found else ""
         status = worst([s for s in STATUSES if total[s]])
         parts += [f"<p class='verdict'><span style='color:{COLOURS[status]}'>{SYMBOLS[status]}</span> {_e(verdict_text)}{link}: "
-                  f"{sum(total.values())} checks in "
-                  f"{len(report.cells)} cells, {_e(_counts_title(total))}.</p>",
+                  f"{_e(checks_summary(report.cells))}.</p>",
                   "<h2>Matrix</h2><p class='meta'>Checks per family and cell: passed/run, coloured by the worst status "
                   f"({', '.join(f'{SYMBOLS[s]} {s}' for s in WORST_FIRST)}). A square opens the family's checks in that "
                   "cell, with each divergence and the command that reproduces it.</p>",

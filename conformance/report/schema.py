@@ -81,6 +81,21 @@ class Cell:
         return out
 
 
+def checks_summary(cells: list[Cell]) -> str:
+    """"145 checks in 1 cell: 103 pass, 27 fail, 12 known (7 known findings),
+    3 skipped": checks by status, and the distinct known findings behind the
+    known ones (per cell, as Cell.counts)."""
+    by_status = dict.fromkeys(STATUSES, 0)
+    for c in cells:
+        for check in c.checks:
+            by_status[check.status] += 1
+    findings = sum(c.counts()["known"] for c in cells)
+    parts = [f"{n} {s}" + (f" ({findings} known finding{'s' * (findings != 1)})" if s == "known" else "")
+             for s, n in by_status.items() if n]
+    return (f"{sum(by_status.values())} checks in {len(cells)} cell{'s' * (len(cells) != 1)}: "
+            f"{', '.join(parts) or 'none'}")
+
+
 @dataclass
 class CoverageResult:
     """What ran on one kernel source's coverage builds, and the kernel file's coverage."""
