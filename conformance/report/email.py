@@ -99,7 +99,7 @@ def render_email(report: Report) -> str:
     shifts = sorted({c.page_shift for c in report.cells})
     flavors = list(dict.fromkeys(c.flavor for c in report.cells))
     out += _wrap(f"page shifts: {', '.join(map(str, shifts)) or '-'}; flavors: {', '.join(flavors) or '-'}", "  ", "      ")
-    out += _wrap(f"checks: {checks_summary(report.cells)}", "  ", "      ")
+    out += _wrap(checks_summary(report.cells), "  ", "      ")
     out += _wrap(f"tool: kho-conform {report.tool_version}, report created {report.created}", "  ", "      ")
     out += ["", f"Verdict: {verdict}"]
     for n, f in enumerate(found, 1):
