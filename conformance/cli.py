@@ -271,7 +271,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    run_bench(_source(args), args.page_shift, quick=args.quick, console=out)
+    run_bench(_source(args), args.page_shift, quick=args.quick, console=out, as_json=args.json)
     return 0
 
 
@@ -370,9 +370,10 @@ def parser() -> argparse.ArgumentParser:
     _kernel_args(ex, page_shift_default=None)
     ex.set_defaults(fn=cmd_export)
 
-    be = sub.add_parser("bench", help="executions per second and memory of the native kernel, the model and the differential run")
+    be = sub.add_parser("bench", help="speed and memory: native kernel, binding, model, differential run, fuzz harness, 10^6 pages")
     _kernel_args(be)
     be.add_argument("--quick", action="store_true", help="fewer iterations")
+    be.add_argument("--json", action="store_true", help="the results as JSON on stdout (tables on stderr)")
     be.set_defaults(fn=cmd_bench)
     return p
 
