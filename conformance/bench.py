@@ -16,6 +16,9 @@ in the order they run, so another one is one more entry:
   kernel, diff, triage), and ``fuzz --jobs 1`` against ``--jobs 2``;
 - ``scattered``: time and peak memory of 10^5 and 10^6 scattered preserved
   pages on each side, each in a fresh process, with the size of the tree;
+- ``mutation``: the median time ``kho-conform mutate`` takes to kill a
+  mutant (build included), over an evenly spread sample of the mutants, one
+  at a time;
 - ``targets``: the targets of the speed work, met or not.
 """
 
@@ -28,8 +31,8 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -312,6 +315,25 @@ def measure_scattered(b: Bench) -> dict:
     return out
 
 
+def measure_mutation(b: Bench) -> dict:
+    """Run every n-th mutant of the reached functions, one job, in a scratch
+    output directory; the median seconds from start to kill."""
+    from .mutate import Settings, plan, run_mutation
+
+    sample = 8 if b.quick else 30
+    settings = Settings(page_shift=b.page_shift, jobs=1)
+    with temp_dir(prefix="kho-bench-") as tmp:  # removed even if bench is killed
+        p = plan(b.source, settings, tmp)
+        p = replace(p, mutants=p.mutants[:: max(1, len(p.mutants) // sample)][:sample])
+        r = run_mutation(b.source, settings, tmp, p)
+    k = {"mutants": len(r.mutants), **r.counts(), "median_kill_seconds": r.median_kill_seconds(), "seconds": r.seconds}
+    median = "–" if k["median_kill_seconds"] is None else f"{k['median_kill_seconds']:.2f} s"
+    b.console.print(f"mutate: median time to kill a mutant {median} ({k['killed']} killed, {k['survived']} survived, "
+                    f"{k['did-not-build']} did not build, {k['timed-out']} timed out of {k['mutants']} sampled; "
+                    f"{k['seconds']:.0f} s)", highlight=False)
+    return k
+
+
 def _target_rows(results: dict) -> list[tuple[str, str, str, bool | None]]:
     """(target, goal, measured, met) for what was measured."""
     rows: list[tuple[str, str, str, bool | None]] = []
@@ -355,17 +377,21 @@ MEASUREMENTS: tuple[Measurement, ...] = (
     Measurement("breakdown", measure_breakdown),
     Measurement("harness", measure_harness),
     Measurement("scattered", measure_scattered),
+    Measurement("mutation", measure_mutation),
     Measurement("targets", measure_targets),
 )
 
 
-def run_bench(source: KernelSource, page_shift: int, *, quick: bool, console: Console, as_json: bool = False) -> dict:
-    """Every measurement in turn; with ``as_json`` the tables go to stderr
+def run_bench(source: KernelSource, page_shift: int, *, quick: bool, console: Console, as_json: bool = False,
+              only: Collection[str] = ()) -> dict:
+    """Every measurement in turn (or those named in ``only``; the targets
+    always, of what was measured); with ``as_json`` the tables go to stderr
     and stdout gets the results as one JSON document."""
     b = Bench(source, page_shift, quick, Console(stderr=True) if as_json else console)
     b.results.update(kernel=source.version, page_shift=page_shift, quick=quick)
     for m in MEASUREMENTS:
-        b.results[m.name] = m.run(b)
+        if not only or m.name in only or m.name == "targets":
+            b.results[m.name] = m.run(b)
     if as_json:
         print(json.dumps(b.results, indent=1))
     return b.results

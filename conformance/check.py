@@ -4,13 +4,19 @@ For each (kernel source x page shift x flavor) cell, named checks:
 - ``abi.constants``: depth, table/bitmap sizes, key width and node sizes as
   the tree's code defines them, against the model's geometry;
 - ``abi.key-encoding``: the kernel's own encode/decode on edge vectors;
-- ``doc.compatible``: the compatible string the ABI documentation shows,
-  against the one the code writes;
+- ``doc.*``: every compatible string, property name, constant and macro the
+  documentation shows, against the code's definitions (``conformance.doc``);
 - ``scenario.*``: the deterministic scenario library through the
   differential engine;
 - ``stateful``: a hypothesis state machine run;
 - ``fuzz``: a short atheris run on the fuzz flavor (one per kernel and
   page shift: the fuzz flavor already carries ASan and UBSan).
+
+And a handover row for every ordered pair of the sources (or of each source
+with each ``partners`` kernel, both ways), per page shift and flavor: the old
+kernel of one hands over to the next kernel of the other, through the
+scenarios, the state machine and a fuzz run.
+
 Known kernel bugs (corpus/known/) are reported as known, not hidden. A new
 failure is saved as a finding (minimized, ``corpus/crashes/<signature>/``),
 once per signature, so that it can be replayed, mailed and exported.
@@ -25,13 +31,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -42,8 +49,9 @@ from reference.keys import decode, encode
 from reference.program import NOT_RUN
 
 from .compare.diff import Comparison, Divergence, compare
-from .compare.target import Target, target_for
-from .compare.triage import by_id, triage
+from .compare.target import Pair, Target, target_for
+from .compare.triage import triage
+from .doc import doc_checks
 from .errors import KhoConformError
 from .native.build import build
 from .native.coverage import measure, merge, profile_env
@@ -65,11 +73,35 @@ class Plan:
     page_shifts: tuple[int, ...] = PAGE_SHIFTS
     flavors: tuple[str, ...] = ("plain",)
     examples: int = 30  # stateful examples per cell
-    fuzz_seconds: int = 20  # per (kernel, page shift); 0 = no fuzzing
+    fuzz_seconds: int = 20  # per (kernel or handover, page shift); 0 = no fuzzing
     crashes_dir: Path = Path("corpus/crashes")
     work_dir: Path = Path("reports/fuzz")
-    reproduce_flags: str = ""  # how the user selected the kernel, for reproducer commands
+    # How the user selects each source (by digest), for reproducer commands: "--kernel 7.3", "--kernel-tree ~/linux".
+    selections: dict[str, str] = field(default_factory=dict)
     coverage: bool = False  # measure the kernel file's coverage (coverage build flavor)
+    # Released kernels each source hands over to and from (not tested on their own);
+    # none: handovers between the sources themselves.
+    partners: list[KernelSource] = field(default_factory=list)
+
+    def handovers(self) -> list[tuple[KernelSource, KernelSource]]:
+        """(old kernel's source, next kernel's source), every ordered pair."""
+        if self.partners:
+            pairs = [pair for s in self.sources for p in self.partners for pair in ((s, p), (p, s))]
+        else:
+            pairs = [(x, y) for x in self.sources for y in self.sources]
+        return [(x, y) for x, y in pairs if x.digest() != y.digest()]
+
+    def selection(self, old: KernelSource, new: KernelSource | None = None) -> str:
+        """The flags that select ``old`` (handing over to ``new``) in replay and
+        minimize; "" where none can (e.g. between two patched sources)."""
+        flags = self.selections.get(old.digest(), "")
+        if new is None or not flags:
+            return flags
+        if re.fullmatch(r"--kernel \S+", release := self.selections.get(new.digest(), "")):
+            return f"{flags} --handover-to {release.split()[1]}"
+        if re.fullmatch(r"--kernel \S+", flags) and release:
+            return f"{release} --handover-from {flags.split()[1]}"
+        return ""
 
 
 class Findings:
@@ -80,7 +112,7 @@ class Findings:
         self.crashes = crashes
         self.saved: dict[str, Path] = {}
 
-    def save(self, cmp: Comparison, target: Target) -> tuple[str, str]:
+    def save(self, cmp: Comparison, target: Target | Pair) -> tuple[str, str]:
         """(minimized program text, replay command) of a failing comparison."""
         from fuzz.findings import save_finding
         from fuzz.minimize import minimize, signature_predicate
@@ -157,20 +189,7 @@ def _abi_keys(target: Target) -> CheckResult:
     return CheckResult("abi.key-encoding", "pass", detail=f"{len(vectors)} vectors, orders 0..{64 - ps - 1}")
 
 
-def _doc_compatible(target: Target) -> CheckResult:
-    b = target.build
-    if b.doc_compatible == b.compatible:
-        return CheckResult("doc.compatible", "pass", detail=f"documentation and code both say {b.compatible!r}")
-    div = {"op_index": None, "op": "", "field": "KHO_FDT_COMPATIBLE", "expected": repr(b.doc_compatible),
-           "actual": repr(b.compatible), "signature": "doc-compatible", "check": "doc"}
-    known = by_id("doc-compatible-stale")
-    if known and known.affects(b.source.release):
-        return CheckResult("doc.compatible", "known", detail=f"ABI doc shows {b.doc_compatible!r}, code writes {b.compatible!r}",
-                           divergence=div, known_id=known.id)
-    return CheckResult("doc.compatible", "fail", detail=f"ABI doc shows {b.doc_compatible!r}, code writes {b.compatible!r}", divergence=div)
-
-
-def comparison_result(name: str, cmp: Comparison, target: Target, reproducer: str,
+def comparison_result(name: str, cmp: Comparison, target: Target | Pair, reproducer: str,
                       findings: Findings | None = None) -> CheckResult:
     """A differential run as a check, by the triage policy: pass, known (every
     divergence proven to be a known finding's) or fail (something new). A new
@@ -185,8 +204,7 @@ def comparison_result(name: str, cmp: Comparison, target: Target, reproducer: st
     d = verdict.divergence
     program = ""
     if verdict.status == "known":
-        proof = f"; the model with quirk(s) {', '.join(sorted(verdict.quirks))} agrees" if verdict.quirks else ""
-        detail = f"{verdict.known_ids}{proof}: {d.line()}"
+        detail = f"{verdict.known_ids}{verdict.proof()}: {d.line()}"
     else:
         detail = d.line() + (f" (also known here: {verdict.known_ids})" if verdict.known else "")
         if findings is not None:
@@ -195,21 +213,21 @@ def comparison_result(name: str, cmp: Comparison, target: Target, reproducer: st
                        known_id=verdict.known_ids, reproducer=reproducer, program=program)
 
 
-def _scenario_checks(target: Target, plan: Plan, out: Path, findings: Findings) -> Iterator[CheckResult]:
+def _scenario_checks(target: Target | Pair, selection: str, out: Path, findings: Findings) -> Iterator[CheckResult]:
     from .programs.scenarios import scenarios
 
-    ps = target.build.page_shift
+    ps = target.page_shift
     programs = out / "programs" / f"ps{ps}"
     programs.mkdir(parents=True, exist_ok=True)
     for sc in scenarios(ps):
         path = programs / f"{sc.name}.txt"
         path.write_text(sc.program.text())
-        repro = f"kho-conform replay {shlex.quote(str(path))} {plan.reproduce_flags} --page-shift {ps}".replace("  ", " ")
+        repro = f"kho-conform replay {shlex.quote(str(path))} {selection} --page-shift {ps}".replace("  ", " ") if selection else ""
         yield _timed(sc.name, lambda sc=sc, repro=repro: comparison_result(sc.name, compare(sc.program, target), target, repro,
                                                                            findings))
 
 
-def _stateful(target: Target, plan: Plan, findings: Findings) -> CheckResult:
+def _stateful(target: Target | Pair, plan: Plan, findings: Findings) -> CheckResult:
     from .programs.machine import run_stateful
 
     failed: list[CheckResult] = []
@@ -226,15 +244,20 @@ def _stateful(target: Target, plan: Plan, findings: Findings) -> CheckResult:
     return CheckResult("stateful", "fail", detail=detail[:300])
 
 
-def _fuzz(source: KernelSource, ps: int, plan: Plan) -> tuple[list[CheckResult], list[FuzzPoint]]:
-    """The fuzz run as a check, and each new finding it saved as a check of its own."""
+def _fuzz_corpus(plan: Plan, source: KernelSource, ps: int, new: KernelSource | None = None) -> Path:
+    return plan.work_dir / (f"{source.version}-to-{new.version}-ps{ps}" if new else f"{source.version}-ps{ps}")
+
+
+def _fuzz(source: KernelSource, ps: int, plan: Plan,
+          new: KernelSource | None = None) -> tuple[list[CheckResult], list[FuzzPoint]]:
+    """The fuzz run (of ``source``, or of its handover to ``new``) as a
+    check, and each new finding it saved as a check of its own."""
     from fuzz.findings import load_finding
     from fuzz.runner import run_fuzz
 
-    corpus = plan.work_dir / f"{source.version}-ps{ps}"
     # Ctrl-C stops the whole check, not only this fuzz run
-    stats = run_fuzz(source=source, page_shift=ps, corpus_dir=corpus, jobs=1, seconds=plan.fuzz_seconds,
-                     crashes_dir=plan.crashes_dir, live=False, return_on_interrupt=False)
+    stats = run_fuzz(source=source, next_source=new, page_shift=ps, corpus_dir=_fuzz_corpus(plan, source, ps, new), jobs=1,
+                     seconds=plan.fuzz_seconds, crashes_dir=plan.crashes_dir, live=False, return_on_interrupt=False)
     new = stats.new_findings
     detail = f"{stats.execs} execs, {stats.exec_per_s:.0f}/s, coverage {stats.coverage}, {len(new)} new findings"
     # The run is the check; what it found fails as checks of their own, one per finding.
@@ -246,46 +269,84 @@ def _fuzz(source: KernelSource, ps: int, plan: Plan) -> tuple[list[CheckResult],
     return results, stats.timeline
 
 
+def _fuzz_checks(plan: Plan, progress: Callable[[str], None], what: str, source: KernelSource, ps: int,
+                 new: KernelSource | None = None) -> tuple[list[CheckResult], list[FuzzPoint]]:
+    progress(f"{what} ps{ps}: fuzz {plan.fuzz_seconds}s")
+    start = time.monotonic()
+    try:
+        results, timeline = _fuzz(source, ps, plan, new)
+    except Exception as e:
+        results, timeline = [CheckResult("fuzz", "error", detail=f"{type(e).__name__}: {e}"[:300])], []
+    results[0].seconds = round(time.monotonic() - start, 1)
+    return results, timeline
+
+
 def run_check(plan: Plan, out: Path, progress: Callable[[str], None] = lambda s: None) -> Report:
     cells = []
     findings = Findings(plan.crashes_dir)
     for source in plan.sources:
+        docs: list[CheckResult] | None = None
         for ps in plan.page_shifts:
             for flavor in plan.flavors:
                 progress(f"{source.version} ps{ps} {flavor}: build")
                 start = time.monotonic()
                 b = build(source, ps, flavor)
                 target = target_for(b)
+                if docs is None:  # per version: the same in every cell of it
+                    progress(f"{source.version}: documentation against code")
+                    docs = _doc_results(source)
                 checks = [
                     _timed("abi.constants", lambda: _abi_constants(target)),
                     _timed("abi.key-encoding", lambda: _abi_keys(target)),
-                    _timed("doc.compatible", lambda: _doc_compatible(target)),
+                    *(replace(d) for d in docs),
                 ]
                 progress(f"{source.version} ps{ps} {flavor}: scenarios")
-                checks += list(_scenario_checks(target, plan, out, findings))
+                checks += list(_scenario_checks(target, plan.selection(source), out, findings))
                 progress(f"{source.version} ps{ps} {flavor}: stateful")
                 checks.append(_timed("stateful", lambda: _stateful(target, plan, findings)))
                 timeline: list[FuzzPoint] = []
                 if plan.fuzz_seconds and flavor == plan.flavors[0]:
-                    progress(f"{source.version} ps{ps}: fuzz {plan.fuzz_seconds}s")
-                    fuzz_start = time.monotonic()
-                    try:
-                        results, timeline = _fuzz(source, ps, plan)
-                    except Exception as e:
-                        results = [CheckResult("fuzz", "error", detail=f"{type(e).__name__}: {e}"[:300])]
-                    results[0].seconds = round(time.monotonic() - fuzz_start, 1)
+                    results, timeline = _fuzz_checks(plan, progress, source.version, source, ps)
                     checks += results
                 cells.append(Cell(source.version, ps, flavor, source.identity(), checks, timeline,
                                   build_seconds=round(time.monotonic() - start, 1)))
+    for old, new in plan.handovers():
+        for ps in plan.page_shifts:
+            for flavor in plan.flavors:
+                pair = Pair(target_for(build(old, ps, flavor)), target_for(build(new, ps, flavor)))
+                progress(f"{pair.label}: scenarios")
+                start = time.monotonic()
+                checks = list(_scenario_checks(pair, plan.selection(old, new), out, findings))
+                progress(f"{pair.label}: stateful")
+                checks.append(_timed("stateful", lambda: _stateful(pair, plan, findings)))
+                timeline = []
+                if plan.fuzz_seconds and flavor == plan.flavors[0]:
+                    results, timeline = _fuzz_checks(plan, progress, pair.kernels, old, ps, new)
+                    checks += results
+                cells.append(Cell(old.version, ps, flavor, old.identity(), checks, timeline,
+                                  build_seconds=round(time.monotonic() - start, 1), next_kernel=new.version,
+                                  next_source=new.identity()))
     coverage = []
     if plan.coverage:
         for source in plan.sources:
             progress(f"{source.version}: coverage")
-            corpora = {ps: [plan.work_dir / f"{source.version}-ps{ps}"] for ps in plan.page_shifts} if plan.fuzz_seconds else {}
+            corpora = {ps: [_fuzz_corpus(plan, source, ps)] for ps in plan.page_shifts} if plan.fuzz_seconds else {}
             coverage.append(measure_coverage(source, plan.page_shifts, out / "coverage", examples=plan.examples,
                                              corpora=corpora))
     return Report(title="KHO radix tree conformance", created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   tool_version=tool_version(), cells=cells, notes=_notes(cells), coverage=coverage)
+
+
+def _doc_results(source: KernelSource) -> list[CheckResult]:
+    """The documentation checks of ``source``, timed together (one reading of the tree)."""
+    start = time.monotonic()
+    try:
+        results = doc_checks(source)
+    except Exception as e:  # as _timed: an error in the report, not a dead matrix
+        results = [CheckResult("doc", "error", detail=f"{type(e).__name__}: {e}"[:300])]
+    for r in results:
+        r.seconds = round((time.monotonic() - start) / len(results), 3)
+    return results
 
 
 # A child process loads the coverage build (and nothing else), runs what the
@@ -362,9 +423,10 @@ def measure_coverage(source: KernelSource, page_shifts: tuple[int, ...], work: P
 
 
 def _notes(cells: list[Cell]) -> list[str]:
+    """Documentation that does not match the code, once per kernel and item."""
     notes = []
     for c in cells:
         for ch in c.checks:
-            if ch.name == "doc.compatible" and ch.status != "pass":
-                notes.append(f"{c.kernel}: {ch.detail}")
+            if ch.name.startswith("doc.") and ch.status in ("fail", "known"):
+                notes.append(f"{c.kernel}: {ch.name}: {ch.detail}" + (f" (known: {ch.known_id})" if ch.known_id else ""))
     return sorted(set(notes))

@@ -31,6 +31,14 @@ def _kernel_args(p: argparse.ArgumentParser, page_shift_default: int | None = 12
                    help="kernel PAGE_SHIFT (default: %(default)s)" if page_shift_default else "kernel PAGE_SHIFT (default: the finding's, else 12)")
 
 
+def _handover_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a live update across versions (one of)").add_mutually_exclusive_group()
+    g.add_argument("--handover-to", metavar="VERSION",
+                   help="the kernel above hands over to the next kernel of this released version (e.g. 7.3)")
+    g.add_argument("--handover-from", metavar="VERSION",
+                   help="the kernel above boots from the handover image of this released version's old kernel")
+
+
 def _flavor_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flavor", choices=("plain", "asan", "fuzz"),
                    help="build flavor (default: the finding's, else plain)")
@@ -67,10 +75,32 @@ def _reproduce_flags(args: argparse.Namespace) -> str:
 
 
 def _target(args: argparse.Namespace):
-    from .compare.target import target_for
+    """The kernel the options select, or its handover to or from another
+    (``--handover-to``/``--handover-from``, or the finding's own)."""
+    from .compare.target import Pair, target_for
     from .native.build import build
 
-    return target_for(build(_source(args), args.page_shift, args.flavor))
+    main = target_for(build(_source(args), args.page_shift, args.flavor))
+    partner = _partner(args)
+    if partner is None:
+        return main
+    other = target_for(build(partner, args.page_shift, args.flavor))
+    return Pair(other, main) if getattr(args, "handover_from", None) else Pair(main, other)
+
+
+def _partner(args: argparse.Namespace):
+    """The other kernel of a handover the options (or the finding) name, or None."""
+    from .source import resolve
+
+    version = getattr(args, "handover_to", None) or getattr(args, "handover_from", None)
+    if version:
+        return resolve(version, None, None, None)
+    finding = getattr(args, "finding", None)
+    if finding and "next" in finding:
+        from fuzz.minimize import finding_next_source
+
+        return finding_next_source(finding)
+    return None
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
@@ -126,11 +156,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     load_known()  # a broken known-finding record: one line naming it, before any work
     if args.kernel_tree or args.kernel_tarball:
         sources = [resolve(None, args.kernel_tree, args.kernel_tarball, args.patch, commits=args.commits)]
+        selections = {sources[0].digest(): _reproduce_flags(args)}
     else:
         sources = [resolve(k, None, None, args.patch) for k in (args.kernel or [DEFAULT_KERNEL])]
+        patch = f" --patch {args.patch}" if args.patch else ""
+        selections = {s.digest(): f"--kernel {s.version}{patch}" for s in sources}
+    partners = [resolve(v, None, None, None) for v in args.handover_with or ()]
+    selections |= {p.digest(): f"--kernel {p.version}" for p in partners}
     plan = Plan(sources=sources, page_shifts=tuple(args.page_shift), flavors=tuple(args.flavor), examples=args.examples,
                 fuzz_seconds=args.fuzz_time, crashes_dir=args.crashes, work_dir=args.out / "fuzz", coverage=args.coverage,
-                reproduce_flags=" ".join(f"--kernel {s.version}" for s in sources[:1]) if not (args.kernel_tree or args.kernel_tarball) else _reproduce_flags(args))
+                selections=selections, partners=partners)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("check", total=None)
         report = run_check(plan, args.out, progress=lambda s: bar.update(task, description=s))
@@ -154,8 +189,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_fuzz(args: argparse.Namespace) -> int:
     from fuzz.runner import run_fuzz
 
-    source = _source(args)
-    stats = run_fuzz(source=source, page_shift=args.page_shift, corpus_dir=args.corpus, jobs=args.jobs,
+    source, partner = _source(args), _partner(args)
+    old, new = (partner, source) if args.handover_from else (source, partner)
+    stats = run_fuzz(source=old, next_source=new, page_shift=args.page_shift, corpus_dir=args.corpus, jobs=args.jobs,
                      seconds=args.time, crashes_dir=args.crashes, live=True)
     out.print(f"{stats.execs} execs, {stats.exec_per_s:.0f} exec/s, coverage {stats.coverage}, "
               f"corpus {stats.corpus} (started from {stats.started_from}), {len(stats.new_findings)} new findings")
@@ -268,10 +304,57 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def cmd_mutate(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .check import tool_version
+    from .mutate import Settings, plan, run_mutation
+    from .mutate.runner import STATE
+    from .report import Report, mutation_table, write_report
+
+    source = _source(args)
+    settings = Settings(args.page_shift, args.fuzz_inputs, args.timeout, args.jobs)
+    functions = [f for item in args.functions or () for f in item.split(",") if f]
+    with console.status(f"generating the mutants of {source.version} ps{args.page_shift}"):
+        p = plan(source, settings, args.out, functions or None)
+    if args.list:
+        for m in p.mutants:
+            out.print(f"{m.name}  {m.description}", markup=False, highlight=False)
+        return 0
+    lines = f", lines {', '.join(f'{a}-{b}' for a, b in p.lines)} of the series" if p.lines else ""
+    resumed = f"; {len(p.done)} already done in {args.out / STATE}" if p.done else ""
+    console.print(f"{len(p.mutants)} mutants of {len(p.functions)} function{'s' * (len(p.functions) != 1)}{lines}{resumed}",
+                  highlight=False)
+    counts = {"killed": 0, "survived": 0, "did-not-build": 0, "timed-out": 0}
+    for r in p.done.values():
+        counts[r.status] += 1
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("mutants", total=len(p.mutants), completed=len(p.done))
+
+        def progress(r) -> None:
+            counts[r.status] += 1
+            bar.update(task, advance=1, description=", ".join(f"{n} {s}" for s, n in counts.items()))
+
+        result = run_mutation(source, settings, args.out, p, progress)
+    report = Report(title=f"KHO mutation testing: {source.version} ps{args.page_shift}", tool_version=tool_version(),
+                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"), cells=[], mutation=[result])
+    paths = write_report(report, args.out)
+    for m in result.survivors():
+        out.print(f"survived {m.name}  {m.description}", markup=False, highlight=False)
+        out.print(m.diff.rstrip("\n"), markup=False, highlight=False)
+    out.print(mutation_table(result))
+    for kind, path in paths.items():
+        out.print(f"{kind:9} {path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    run_bench(_source(args), args.page_shift, quick=args.quick, console=out, as_json=args.json)
+    run_bench(_source(args), args.page_shift, quick=args.quick, console=out, as_json=args.json, only=args.only or ())
     return 0
 
 
@@ -327,10 +410,14 @@ def parser() -> argparse.ArgumentParser:
                    help="also measure the kernel file's line/branch coverage (scenarios, state machine, fuzz corpus), "
                         "with the patch's lines marked")
     c.add_argument("--email", type=Path, metavar="FILE", help="also write the report as plain text to mail (72 columns)")
+    c.add_argument("--handover-with", action="append", metavar="VERSION",
+                   help="released kernel the kernel under test hands over to and boots from (both directions; repeat "
+                        "for several); default: handovers between the --kernel versions themselves")
     c.set_defaults(fn=cmd_check)
 
     f = sub.add_parser("fuzz", help="fuzz continuously with libFuzzer's fork mode; resumable corpus; live stats")
     _kernel_args(f)
+    _handover_args(f)
     f.add_argument("--jobs", type=_count(1), default=1, help="libFuzzer workers (default %(default)s)")
     f.add_argument("--time", type=_count(1), default=60, metavar="SECONDS", help="how long to fuzz (default %(default)s)")
     f.add_argument("--crashes", type=Path, default=Path("corpus/crashes"))
@@ -342,6 +429,7 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("replay", help="reproduce a finding or run a hand-written program, printing its trace")
     _kernel_args(r, page_shift_default=None)
+    _handover_args(r)
     _flavor_arg(r)
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.add_argument("file", type=Path, metavar="FILE")
@@ -349,6 +437,7 @@ def parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("minimize", help="minimize a diverging program, keeping its divergence signature")
     _kernel_args(m, page_shift_default=None)
+    _handover_args(m)
     _flavor_arg(m)
     m.add_argument("--out", type=Path)
     m.add_argument("file", type=Path, metavar="FILE")
@@ -370,10 +459,28 @@ def parser() -> argparse.ArgumentParser:
     _kernel_args(ex, page_shift_default=None)
     ex.set_defaults(fn=cmd_export)
 
+    mu = sub.add_parser("mutate", help="measure the suite's oracle: mutants of the reached KHO functions, each built and "
+                                        "held to the model by the scenarios and a fuzz budget; killed/survived per function")
+    _kernel_args(mu)
+    mu.add_argument("--functions", nargs="+", metavar="NAME", help="mutate only these functions (names or a comma list)")
+    mu.add_argument("--jobs", type=_count(1), default=1, help="mutants built and run at once (default %(default)s)")
+    mu.add_argument("--fuzz-inputs", type=_count(0), default=200, metavar="N",
+                    help="random fuzzer inputs after the scenarios and seeds (default %(default)s)")
+    mu.add_argument("--timeout", type=_count(1), default=120, metavar="SECONDS",
+                    help="wall-clock budget per mutant, its build included (default %(default)s)")
+    mu.add_argument("--out", type=Path, default=Path("reports/mutate"),
+                    help="the report and the resumable state, mutants.jsonl (default %(default)s)")
+    mu.add_argument("--list", action="store_true", help="only list the mutants")
+    mu.set_defaults(fn=cmd_mutate)
+
+    from .bench import MEASUREMENTS
+
     be = sub.add_parser("bench", help="speed and memory: native kernel, binding, model, differential run, fuzz harness, 10^6 pages")
     _kernel_args(be)
     be.add_argument("--quick", action="store_true", help="fewer iterations")
     be.add_argument("--json", action="store_true", help="the results as JSON on stdout (tables on stderr)")
+    be.add_argument("--only", nargs="+", metavar="NAME", choices=[m.name for m in MEASUREMENTS if m.name != "targets"],
+                    help="only these measurements (default: all of %(choices)s)")
     be.set_defaults(fn=cmd_bench)
     return p
 

@@ -438,14 +438,22 @@ def _api_step(r: _Reader, st: _State, kind: Op) -> Step:
     return Step(kind)
 
 
+# A restore initialises a struct page per page: blocks past this many pages
+# take the kernel a good part of its CPU budget, so the fuzzer restores them
+# rarely (the scenarios restore every size).
+HUGE_RESTORE_PAGES = 1 << 20
+
+
 def _new_step(r: _Reader, st: _State, kind: Op) -> Step:
     P = st.header.page_shift
     if kind == Op.RESTORE_FOLIO:
-        pfn = st.folios[-1 - r.below(len(st.folios))][0] if st.folios and r.chance(75) else _pfn(r, st)
+        folios = [f for f in st.folios if 1 << min(f[1], 64) <= HUGE_RESTORE_PAGES or r.chance(6)]
+        pfn = folios[-1 - r.below(len(folios))][0] if folios and r.chance(75) else _pfn(r, st)
         return Step(kind, _phys_of(pfn, P, r))
     if kind == Op.RESTORE_PAGES:
-        if st.ranges and r.chance(75):
-            pfn, nr = st.ranges[-1 - r.below(len(st.ranges))]
+        ranges = [g for g in st.ranges if g[1] <= HUGE_RESTORE_PAGES or r.chance(6)]
+        if ranges and r.chance(75):
+            pfn, nr = ranges[-1 - r.below(len(ranges))]
             nr = nr if r.chance(75) else max(1, nr - r.small(8))
         else:
             pfn, nr = _pfn(r, st), _nr_pages(r)

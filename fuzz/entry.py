@@ -11,6 +11,9 @@ options from the environment:
   version to fetch (default 7.2); or ``KHO_FUZZ_BUNDLE``: a directory with a
   prebuilt library (``fuzz.runner.write_bundle``; a ``kho_target`` directory
   beside this file or a PyInstaller bundle is used by default);
+- ``KHO_FUZZ_NEXT_BUNDLE``, ``KHO_FUZZ_NEXT_SOURCE`` or
+  ``KHO_FUZZ_NEXT_KERNEL``: as above, the next kernel of a handover across
+  versions (unset: the next kernel is the same kernel's);
 - ``KHO_FUZZ_PAGE_SHIFT`` (12), ``KHO_FUZZ_FLAVOR`` (fuzz: native coverage
   of the kernel code, ASan and UBSan);
 - ``KHO_FUZZ_CRASHES``: where findings are saved, minimized, fuzzing going
@@ -38,7 +41,7 @@ if not __package__:  # run as a file: make the project importable
 import atheris
 
 from conformance.compare.diff import compare
-from conformance.compare.target import Target, target_for
+from conformance.compare.target import Pair, Target, target_for
 from conformance.compare.trace import trace
 from conformance.compare.triage import triage
 from conformance.native.build import BUNDLE_META, Build, build, load_bundle
@@ -62,28 +65,34 @@ def _default_bundle() -> Path | None:
     return None
 
 
-def _build_from_env() -> Build:
+def _build_from_env(which: str = "") -> Build:
+    """The old kernel's build (``which`` ""), or the next kernel's ("NEXT_")."""
     env = os.environ
-    bundle = env.get("KHO_FUZZ_BUNDLE") or _default_bundle()
-    if bundle and not env.get("KHO_FUZZ_SOURCE"):
+    bundle = env.get(f"KHO_FUZZ_{which}BUNDLE") or (None if which else _default_bundle())
+    if bundle and not env.get(f"KHO_FUZZ_{which}SOURCE"):
         return load_bundle(Path(bundle))
-    if env.get("KHO_FUZZ_SOURCE"):
-        identity = json.loads(env["KHO_FUZZ_SOURCE"])
+    if env.get(f"KHO_FUZZ_{which}SOURCE"):
+        identity = json.loads(env[f"KHO_FUZZ_{which}SOURCE"])
         source = KernelSource.from_identity(identity, Path(identity["root"]))
     else:
-        source = fetch(env.get("KHO_FUZZ_KERNEL", DEFAULT_KERNEL))
+        source = fetch(env.get(f"KHO_FUZZ_{which}KERNEL", DEFAULT_KERNEL))
     return build(source, int(env.get("KHO_FUZZ_PAGE_SHIFT", "12")), env.get("KHO_FUZZ_FLAVOR", "fuzz"))
 
 
+def _handover() -> bool:
+    """Whether the environment names another kernel as the next kernel."""
+    return any(os.environ.get(f"KHO_FUZZ_NEXT_{v}") for v in ("BUNDLE", "SOURCE", "KERNEL"))
+
+
 class Fuzzer:
-    def __init__(self, target: Target, crashes: Path | None, minimize_runs: int, staging: Path | None = None) -> None:
+    def __init__(self, target: Target | Pair, crashes: Path | None, minimize_runs: int, staging: Path | None = None) -> None:
         self.target = target
         self.crashes = crashes
         self.staging = staging
         if crashes is not None:
             crashes.mkdir(parents=True, exist_ok=True)
         self.minimize_runs = minimize_runs
-        self.page_shift = target.build.page_shift
+        self.page_shift = target.page_shift
         self.seen: set[str] = set()  # signatures handled by this process
 
     def __call__(self, data: bytes) -> None:
@@ -112,6 +121,7 @@ class Fuzzer:
 
 def main() -> None:
     b = _build_from_env()
+    new = _build_from_env("NEXT_") if _handover() else None
     if b.flavor != "plain" and not os.environ.get("LD_PRELOAD"):
         ensure_process_for(b.flavor)  # re-execs with the sanitizer runtime
     crashes = os.environ.get("KHO_FUZZ_CRASHES")
@@ -125,7 +135,8 @@ def main() -> None:
     atheris.Setup(argv, test_one_input)
     # Loaded after Setup, so that libFuzzer registers the library's coverage counters.
     staging = os.environ.get("KHO_FUZZ_STAGING")
-    fuzzer = Fuzzer(target_for(b), Path(crashes) if crashes else None, int(os.environ.get("KHO_FUZZ_MINIMIZE_RUNS", "150")),
+    target = target_for(b) if new is None else Pair(target_for(b), target_for(new))
+    fuzzer = Fuzzer(target, Path(crashes) if crashes else None, int(os.environ.get("KHO_FUZZ_MINIMIZE_RUNS", "150")),
                     Path(staging) if staging else None)
     atheris.Fuzz()
 

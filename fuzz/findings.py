@@ -6,7 +6,9 @@ A finding is one divergence signature: ``<crashes>/<signature>/`` holds
 - ``original.txt``  the program as the fuzzer found it;
 - ``input.bin``     the raw fuzzer bytes, when there were any;
 - ``finding.json``  signature, divergences, kernel source identity, page
-                    shift, flavor, creation time;
+                    shift, flavor, model profile, creation time; for a
+                    handover across versions, ``next``: the next kernel's
+                    version, source identity and profile;
 - ``trace.txt``     ``trace()`` of the minimized program.
 
 Directories are written under a temporary name (in a staging directory on
@@ -25,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from conformance.compare.diff import Comparison, compare
-from conformance.compare.target import Target
+from conformance.compare.target import Pair, Target
 from conformance.compare.trace import trace
 from conformance.compare.triage import triage
 from conformance.errors import KhoConformError
@@ -35,9 +37,11 @@ from reference.program import Program
 FINDING_FILES = ("program.txt", "original.txt", "finding.json", "trace.txt")
 # What replay needs of finding.json, with its type.
 FINDING_KEYS = {"signature": str, "kernel_version": str, "page_shift": int, "flavor": str, "profile": str, "source": dict}
+# ... and of its "next", for a handover across versions.
+NEXT_KEYS = {"kernel_version": str, "profile": str, "source": dict}
 
 
-def save_finding(root: Path, program: Program, comparison: Comparison, target: Target,
+def save_finding(root: Path, program: Program, comparison: Comparison, target: Target | Pair,
                  raw: bytes | None = None, staging: Path | None = None) -> Path | None:
     """Save ``program`` (the minimized reproducer of ``comparison``, which is
     the run of the original input) under ``root/<signature>``, written in
@@ -58,15 +62,18 @@ def save_finding(root: Path, program: Program, comparison: Comparison, target: T
         "events": list(minimized.kernel.events),
         "reports": [r.where() for r in minimized.kernel.reports],
         "original_divergences": [d.to_json() for d in comparison.divergences],
-        "kernel_version": target.build.source.version,
-        "page_shift": target.build.page_shift,
-        "flavor": target.build.flavor,
-        "profile": target.profile.name,
-        "source": target.build.identity(),
+        "kernel_version": target.old.build.source.version,
+        "page_shift": target.page_shift,
+        "flavor": target.old.build.flavor,
+        "profile": target.old.profile.name,
+        "source": target.old.build.identity(),
         "ops": len(program.steps),
         "original_ops": len(comparison.program.steps),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if isinstance(target, Pair):
+        meta["next"] = {"kernel_version": target.next.build.source.version, "profile": target.next.profile.name,
+                        "source": target.next.build.identity()}
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{first.signature}.", dir=staging or dest.parent))
     try:
@@ -106,6 +113,10 @@ def load_finding(path: Path) -> dict:
     for key, kind in FINDING_KEYS.items():
         if not isinstance(data.get(key), kind):
             raise KhoConformError(f"{meta}: {key!r} is missing or not a {kind.__name__}; {fix}")
+    if "next" in data:
+        for key, kind in NEXT_KEYS.items():
+            if not isinstance(data["next"], dict) or not isinstance(data["next"].get(key), kind):
+                raise KhoConformError(f"{meta}: 'next.{key}' is missing or not a {kind.__name__}; {fix}")
     if data["flavor"] not in FLAVORS:
         raise KhoConformError(f"{meta}: unknown flavor {data['flavor']!r} (not one of {', '.join(FLAVORS)}); {fix}")
     if not (directory / "program.txt").is_file():

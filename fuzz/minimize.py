@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from conformance.compare.diff import compare
-from conformance.compare.target import Target
+from conformance.compare.target import Pair, Target
 from conformance.compare.trace import trace
 from conformance.compare.triage import triage
 from conformance.errors import KhoConformError
@@ -25,14 +25,14 @@ from .findings import finding_of
 Predicate = Callable[[Program], bool]
 
 
-def signature_of(target: Target, program: Program) -> str | None:
+def signature_of(target: Target | Pair, program: Program) -> str | None:
     """The signature a comparison is filed under: its first unexplained
     divergence's, else its first divergence's (None: no divergence)."""
     c = compare(program, target)
     return None if c.ok else triage(c, target, attribute=False).divergence.signature
 
 
-def signature_predicate(target: Target, signature: str) -> Predicate:
+def signature_predicate(target: Target | Pair, signature: str) -> Predicate:
     """True for programs filed under ``signature`` on ``target``."""
 
     def still_fails(program: Program) -> bool:
@@ -184,9 +184,21 @@ def load_input(path: Path, page_shift: int) -> tuple[Program, dict | None]:
 def finding_source(finding: dict) -> KernelSource:
     """The kernel source a finding was saved from: the same files (by
     digest) in the tree it names or in the cache, else its version from the
-    mirror (``source_note`` then says whether the files differ)."""
-    saved = finding["source"]
-    digest, provider = _saved_digest(finding), str(saved.get("provider", ""))
+    mirror (``source_note`` then says whether the files differ). For a
+    handover, the old kernel's."""
+    return _saved_source(finding, finding)
+
+
+def finding_next_source(finding: dict) -> KernelSource | None:
+    """The next kernel's source of a finding saved from a handover across
+    versions (found as ``finding_source`` finds the old kernel's), else None."""
+    return _saved_source(finding, finding["next"]) if "next" in finding else None
+
+
+def _saved_source(finding: dict, part: dict) -> KernelSource:
+    """``part``: the finding's record of one kernel (kernel_version, source)."""
+    saved = part["source"]
+    digest, provider = _saved_digest(part), str(saved.get("provider", ""))
     if provider.startswith("tree:") and Path(provider[len("tree:"):]).is_dir():
         tree = from_tree(Path(provider[len("tree:"):]))
         if tree.digest() == digest:
@@ -195,56 +207,72 @@ def finding_source(finding: dict) -> KernelSource:
         if cached.digest() == digest:
             return cached
     if provider.startswith("debian:") and not _PATCHED.search(provider):
-        return fetch(finding["kernel_version"])
-    raise KhoConformError(
-        f"{finding['path']} was saved from {provider} (files {digest[:SHORT_DIGEST]}), which is not at hand; "
-        "pass the same --kernel-tree, --kernel-tarball or --patch to replay it"
-    )
+        return fetch(part["kernel_version"])
+    how = "--kernel-tree, --kernel-tarball or --patch"
+    whose, how = ("its next kernel", f"it as {how}, with --handover-from {finding['kernel_version']},") \
+        if part is not finding else ("it", f"the same {how}")
+    raise KhoConformError(f"{finding['path']}: {whose} was saved from {provider} (files {digest[:SHORT_DIGEST]}), which "
+                          f"is not at hand; pass {how} to replay it")
 
 
 _PATCHED = re.compile(r"\+(patch|series):")
 
 
-def _saved_digest(finding: dict) -> str:
-    """The digest of the files a finding was saved from (older findings
-    record only the files' hashes)."""
-    saved = finding["source"]
+def _saved_digest(part: dict) -> str:
+    """The digest of the files a finding (or its next kernel) was saved
+    from (older findings record only the files' hashes)."""
+    saved = part["source"]
     return saved.get("digest") or KernelSource.from_identity(saved, Path()).digest()
 
 
-def source_note(finding: dict | None, target: Target) -> str:
-    """A warning when the source under test is not the one a finding was
+def source_note(finding: dict | None, target: Target | Pair) -> str:
+    """A warning when a source under test is not the one a finding was
     saved from ("" when it is, or for a plain program)."""
-    if finding is None or (saved := _saved_digest(finding)) == (digest := target.build.source.digest()):
+    if finding is None:
         return ""
-    return (f"note: the finding was saved from {finding['source'].get('provider', '?')} (files {saved[:SHORT_DIGEST]}); "
-            f"this is {target.build.source.provider} (files {digest[:SHORT_DIGEST]}), so its outcome may differ")
+    parts = [(finding, target.old)] + ([(finding["next"], target.next)] if "next" in finding else [])
+    notes = []
+    for part, kernel in parts:
+        if (saved := _saved_digest(part)) != (digest := kernel.build.source.digest()):
+            notes.append(f"note: the finding was saved from {part['source'].get('provider', '?')} (files "
+                         f"{saved[:SHORT_DIGEST]}); this is {kernel.build.source.provider} (files {digest[:SHORT_DIGEST]}), "
+                         "so its outcome may differ")
+    return "\n".join(notes)
 
 
-def as_saved(target: Target, finding: dict | None) -> Target:
-    """``target`` held to the model profile the finding was saved with."""
-    if finding is None or finding["profile"] == target.profile.name:
+def _profiled(target: Target, part: dict, finding: dict) -> Target:
+    if part["profile"] == target.profile.name:
         return target
-    if finding["profile"] not in PROFILES:
-        raise KhoConformError(f"{finding['path']}: model profile {finding['profile']!r} is not one of "
+    if part["profile"] not in PROFILES:
+        raise KhoConformError(f"{finding['path']}: model profile {part['profile']!r} is not one of "
                               f"{', '.join(PROFILES)}; this kho-conform is older than the finding")
-    return replace(target, profile=PROFILES[finding["profile"]])
+    return replace(target, profile=PROFILES[part["profile"]])
 
 
-def _for_target(program: Program, target: Target, path: Path) -> Program:
-    if program.header.page_shift != target.build.page_shift:
+def as_saved(target: Target | Pair, finding: dict | None) -> Target | Pair:
+    """``target`` held to the model profile(s) the finding was saved with."""
+    if finding is None:
+        return target
+    if isinstance(target, Pair):
+        new = _profiled(target.next, finding["next"], finding) if "next" in finding else target.next
+        return Pair(_profiled(target.old, finding, finding), new)
+    return _profiled(target, finding, finding)
+
+
+def _for_target(program: Program, target: Target | Pair, path: Path) -> Program:
+    if program.header.page_shift != target.page_shift:
         raise KhoConformError(
             f"{path} is a page shift {program.header.page_shift} program; pass --page-shift {program.header.page_shift}"
         )
     return program
 
 
-def replay(path: Path, target: Target, as_json: bool = False) -> tuple[str, bool]:
+def replay(path: Path, target: Target | Pair, as_json: bool = False) -> tuple[str, bool]:
     """Run an input on both implementations: (the trace or JSON, whether it
     diverged). A saved finding runs with the model profile it was saved
     with, and the output says whether the divergence still has the recorded
     signature (and whether the source differs from the saved one)."""
-    program, finding = load_input(path, target.build.page_shift)
+    program, finding = load_input(path, target.page_shift)
     target = as_saved(target, finding)
     c = compare(_for_target(program, target, path), target)
     verdict = triage(c, target)
@@ -258,7 +286,7 @@ def replay(path: Path, target: Target, as_json: bool = False) -> tuple[str, bool
     note = source_note(finding, target)
     if as_json:
         out = {
-            "input": str(path), "kernel": target.build.identity(), "profile": target.profile.name, "ok": c.ok,
+            "input": str(path), "kernel": target.old.build.identity(), "profile": target.old.profile.name, "ok": c.ok,
             "verdict": verdict.status, "known": [k.id for k in verdict.known], "signature": signature,
             "program": program.text(), "divergences": [d.to_json() for d in c.divergences],
             "recorded_signature": expected, "reproduced": same if finding else None,
@@ -266,6 +294,8 @@ def replay(path: Path, target: Target, as_json: bool = False) -> tuple[str, bool
             "model": [r.__dict__ for r in c.model.ops], "kernel_ops": [r.__dict__ for r in c.kernel.ops],
             "events": list(c.kernel.events),
         }
+        if isinstance(target, Pair):
+            out |= {"next_kernel": target.next.build.identity(), "next_profile": target.next.profile.name}
         return json.dumps(out, indent=1, default=list), not c.ok
     text = trace(c, target)
     text += f"\nverdict: {verdict.status}" + (f" ({', '.join(k.id for k in verdict.known)})" if verdict.known else "") + "\n"
@@ -275,12 +305,12 @@ def replay(path: Path, target: Target, as_json: bool = False) -> tuple[str, bool
     return text, not c.ok
 
 
-def minimize_file(path: Path, target: Target, out: Path | None = None) -> Path:
+def minimize_file(path: Path, target: Target | Pair, out: Path | None = None) -> Path:
     """Minimize the input at ``path`` (as ``replay`` reads it), keeping its
     signature; write the program text to ``out`` (default: ``<name>.min.txt``
     beside it, ``program.min.txt`` in a finding)."""
     path = Path(path)
-    program, finding = load_input(path, target.build.page_shift)
+    program, finding = load_input(path, target.page_shift)
     target = as_saved(target, finding)
     signature = signature_of(target, _for_target(program, target, path))
     if signature is None:

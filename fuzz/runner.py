@@ -39,6 +39,7 @@ from conformance.native.build import build, save_bundle
 from conformance.native.sanitizer import SANITIZER_ENV, sanitizer_preload
 from conformance.processes import Terminated, supervised, temp_dir
 from conformance.source import KernelSource
+from conformance.source.identity import handover_label
 
 from .findings import iter_findings
 from .stats import FuzzPoint, FuzzStats
@@ -56,12 +57,15 @@ _STATS = re.compile(r"^#(\d+):?\s+(?:\w+\s+)?cov: (\d+) ft: (\d+) corp: (\d+)\S*
 
 
 def worker_env(bundle: Path, flavor: str, crashes_dir: Path | None, launcher: Path,
-               staging: Path | None = None) -> dict[str, str]:
+               staging: Path | None = None, next_bundle: Path | None = None) -> dict[str, str]:
     """The workers' environment: they load the runner's own build (the
-    bundle), so every worker fuzzes exactly the library the run reports;
+    bundle; and ``next_bundle``, the next kernel's, for a handover across
+    versions), so every worker fuzzes exactly the libraries the run reports;
     findings are written in ``staging`` (a directory the run owns, beside
     ``crashes_dir``) and renamed into place."""
-    env = {k: v for k, v in os.environ.items() if k not in ("KHO_FUZZ_SOURCE", "KHO_FUZZ_KERNEL")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KHO_FUZZ_SOURCE", "KHO_FUZZ_KERNEL", "KHO_FUZZ_NEXT_SOURCE", "KHO_FUZZ_NEXT_KERNEL",
+                        "KHO_FUZZ_NEXT_BUNDLE")}
     preload = sanitizer_preload(flavor)
     if preload:
         env.update(SANITIZER_ENV, LD_PRELOAD=preload)
@@ -73,6 +77,8 @@ def worker_env(bundle: Path, flavor: str, crashes_dir: Path | None, launcher: Pa
         env["KHO_FUZZ_CRASHES"] = str(crashes_dir.resolve())
     if staging is not None:
         env["KHO_FUZZ_STAGING"] = str(staging)
+    if next_bundle is not None:
+        env["KHO_FUZZ_NEXT_BUNDLE"] = str(next_bundle)
     return env
 
 
@@ -130,9 +136,11 @@ def _table(stats: FuzzStats, label: str) -> Table:
 
 def run_fuzz(source: KernelSource, page_shift: int = 12, *, corpus_dir: Path, jobs: int = 1, seconds: int = 60,
              crashes_dir: Path = Path("corpus/crashes"), flavor: str = "fuzz", live: bool = True,
-             extra_args: tuple[str, ...] = (), return_on_interrupt: bool = True) -> FuzzStats:
-    """Fuzz ``source`` at ``page_shift`` for ``seconds`` with ``jobs``
-    workers; findings go to ``crashes_dir``. Ctrl-C stops early and still
+             extra_args: tuple[str, ...] = (), return_on_interrupt: bool = True,
+             next_source: KernelSource | None = None) -> FuzzStats:
+    """Fuzz ``source`` (handing over to ``next_source``'s next kernel, if
+    given) at ``page_shift`` for ``seconds`` with ``jobs`` workers; findings
+    go to ``crashes_dir``. Ctrl-C stops early and still
     returns the stats (``return_on_interrupt``; else it propagates, as
     SIGTERM and SIGHUP always do, once libFuzzer is stopped)."""
     if seconds <= 0:
@@ -145,7 +153,9 @@ def run_fuzz(source: KernelSource, page_shift: int = 12, *, corpus_dir: Path, jo
     work = corpus_dir.with_name(corpus_dir.name + ".work")  # libFuzzer's crash-*/timeout-* inputs are kept here
     _make_dirs({"CORPUS_DIR": corpus_dir, "--crashes": crashes_dir, "the work directory beside CORPUS_DIR": work})
     b = build(source, page_shift, flavor)  # here, so that workers only load it and errors show once
-    label = f"{b.source.version} ps{page_shift} {flavor}, {jobs} job{'s' if jobs > 1 else ''}"
+    new = build(next_source, page_shift, flavor) if next_source is not None else None
+    kernels = handover_label(source.version, next_source.version) if next_source is not None else source.version
+    label = f"{kernels} ps{page_shift} {flavor}, {jobs} job{'s' if jobs > 1 else ''}"
     console = Console(stderr=True)
     # The run's own directories: beside the corpus (not /tmp, which may be
     # noexec: the launcher is run from there) and beside the findings (a
@@ -158,7 +168,8 @@ def run_fuzz(source: KernelSource, page_shift: int = 12, *, corpus_dir: Path, jo
                           else f"{corpus_dir}: new corpus, {seeded} seed inputs", highlight=False)
         stats.started_from += seeded
         (tmp / "tmp").mkdir()
-        env = {**worker_env(save_bundle(b, tmp / "target"), flavor, crashes_dir, _launcher(tmp), staging),
+        next_bundle = save_bundle(new, tmp / "next-target") if new is not None else None
+        env = {**worker_env(save_bundle(b, tmp / "target"), flavor, crashes_dir, _launcher(tmp), staging, next_bundle),
                "TMPDIR": str(tmp / "tmp")}  # libFuzzer's FuzzWithFork directories, removed with tmp
         cmd = [sys.executable, str(ENTRY), f"-max_total_time={seconds}", f"-max_len={MAX_LEN}", "-print_final_stats=1",
                f"-artifact_prefix={work}/"]

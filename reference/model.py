@@ -827,14 +827,20 @@ def restore(image: Image, steps: tuple[Step, ...] | list[Step], header: Header, 
     return next_boot, results
 
 
-def run(program: Program, profile: Profile, quirks: frozenset[str] = frozenset()) -> Outcome:
+def run(program: Program, profile: Profile, quirks: frozenset[str] = frozenset(), *,
+        next_profile: Profile | None = None, next_quirks: frozenset[str] | None = None) -> Outcome:
     """The model's outcome of ``program``: the specification, or with
     ``quirks`` (reference.quirks) what a kernel with those known bugs does.
     A quirk's fault or runaway loop ends the program there, as the kernel's
-    would (an event; the ops after it never run)."""
+    would (an event; the ops after it never run).
+
+    The next kernel is of the same version unless ``next_profile`` and
+    ``next_quirks`` describe another (a live update across versions): it
+    accepts or refuses the old kernel's image by its own profile."""
     header = program.header
     header.validate()
     old = OldKernel(header, profile, quirks_check(quirks))
+    next_quirks = old.quirks if next_quirks is None else quirks_check(next_quirks)
     boot = old.boot()
     kexec = program.kexec_index()
     before = program.steps if kexec is None else program.steps[:kexec]
@@ -862,7 +868,7 @@ def run(program: Program, profile: Profile, quirks: frozenset[str] = frozenset()
             ops += [old.apply(s) for s in after]
         else:
             try:
-                next_boot, results = restore(snap.image, after, header, profile, old.quirks)
+                next_boot, results = restore(snap.image, after, header, next_profile or profile, next_quirks)
             except KernelStop as e:
                 if e.next_boot is None:  # the boot itself
                     return cut(kexec, f"{e.kind}: {e}", snap)

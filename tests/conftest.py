@@ -5,11 +5,12 @@ takes about 1.5 s, loading a cached one is instant. Each library is loaded
 once per process and shared by every test that asks for it.
 
 ``run_in_child`` runs programs against one library in a fresh Python process.
-Use it for anything that makes the kernel code fault: a fault is contained by
-the runtime's SIGSEGV handler, and with several kernel libraries loaded in
-one process only the most recently initialised library's handler is installed
-(see test_native_faults.py::test_fault_in_earlier_loaded_library_is_contained),
-so a fault in any other library would kill the test process.
+Use it for tests about faults themselves: a fault is contained by the
+runtime's SIGSEGV handler, which with several kernel libraries loaded in one
+process chains to the handler it replaced (test_native_faults.py::
+test_fault_in_earlier_loaded_library_is_contained; handovers across versions
+rely on it, test_handover.py), and a child keeps a broken containment from
+taking the test process with it.
 """
 
 from __future__ import annotations

@@ -76,9 +76,27 @@ def test_finding_json_without_what_replay_needs(command, finding):
 
 
 @pytest.mark.parametrize("command", ["replay", "minimize"])
+def test_finding_json_with_a_damaged_next_kernel(command, finding):
+    meta = finding / "finding.json"
+    data = json.loads(meta.read_text())
+    data["next"] = {"kernel_version": 7}
+    meta.write_text(json.dumps(data))
+    assert "'next.kernel_version' is missing or not a str" in one_line_error(cli(command, finding), meta)
+
+
+@pytest.mark.parametrize("command", ["replay", "minimize"])
 def test_finding_without_program(command, finding):
     (finding / "program.txt").unlink()
     assert "program.txt is missing" in one_line_error(cli(command, finding), finding)
+
+
+def test_bad_handover_flags(tmp_path):
+    program = tmp_path / "p.txt"
+    program.write_text("page_shift 12\n---\nkexec\n")
+    one_line_error(cli("replay", program, "--handover-to", "banana"), "banana")
+    one_line_error(cli("replay", program, "--handover-to", "7.3", "--handover-from", "7.2"), "--handover-from", "--help")
+    one_line_error(cli("check", "--handover-with", "banana", "--out", tmp_path / "out"), "banana")
+    assert not (tmp_path / "out").exists()
 
 
 def test_replay_of_a_missing_file(tmp_path):

@@ -30,6 +30,7 @@ STAGES = (
     ("conformance.bench", 6),
     ("conformance.mutate", 6),
     ("conformance.export", 6),
+    ("conformance.doc", 6),
     ("conformance.cli", 6),
     ("conformance", 6),  # the package itself
 )

@@ -194,7 +194,38 @@ def test_load_report_ignores_missing_optionals(tmp_path: Path) -> None:
     data = dataclasses.asdict(report)
     # what a report.json written before coverage and minimized programs lacks, too
     del data["notes"], data["cells"][0]["fuzz_timeline"], data["cells"][0]["build_seconds"], data["coverage"]
+    del data["cells"][0]["next_kernel"], data["cells"][0]["next_source"]  # ... and before handover rows
     del data["cells"][0]["checks"][0]["program"]
     path = tmp_path / "r.json"
     path.write_text(json.dumps(data))
     assert rp.load_report(path) == report
+
+
+NEXT_SOURCE = {"version": "7.3.4", "provider": "debian-source", "files": {"kernel/liveupdate/kexec_handover.c": "c" * 64}}
+HANDOVER = "handover 7.2.13 → 7.3.4"
+
+
+def test_handover_rows_in_every_format(tmp_path: Path) -> None:
+    report = _report()
+    report.cells.append(Cell("7.2.13", 12, "plain", SOURCE, [
+        CheckResult("scenario.pfn-zero", "pass", 0.1),
+        CheckResult("scenario.every-order", "known", 0.1, "the next kernel's quirk", known_id="extend-scratch-per-gib"),
+        CheckResult("stateful", "pass", 1.0)], next_kernel="7.3.4", next_source=NEXT_SOURCE))
+    paths = rp.write_report(report, tmp_path)
+    assert rp.load_report(paths["json"]) == report
+    md = paths["markdown"].read_text(encoding="utf-8")
+    assert f"| {HANDOVER} | 12 | plain | 2 | 0 | 1 | 0 | 0 | ⚠ |" in md and f"## {HANDOVER} ps12 plain" in md
+    assert "7.2.13 via debian-source (files" in md and "→ 7.3.4 via debian-source" in md and "### 7.3.4 (" in md
+    html = paths["html"].read_text(encoding="utf-8")
+    assert f">{HANDOVER} ps12 plain</a></th>" in html and "c" * 64 in html
+    row = next(r for r in html.split("<tr>") if f">{HANDOVER} ps12 plain</a></th>" in r)
+    # in the same matrix: no ABI checks, no fuzzing and no high-order scenario in that row
+    assert row.count("<td class='sq ") == 1 + 3 and row.count("<td class='none'") == 3
+    suite = [s for s in ET.parse(paths["junit"]).getroot().findall("testsuite") if s.get("name") == f"{HANDOVER} ps12 plain"]
+    props = {p.get("name"): p.get("value") for p in suite[0].find("properties")}
+    assert props["source.version"] == "7.2.13" and props["next_source.version"] == "7.3.4"
+    console = Console(record=True, width=100)
+    console.print(rp.summary_table(report))
+    assert HANDOVER in console.export_text()
+    assert HANDOVER in rp.render_email(report)
+

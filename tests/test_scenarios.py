@@ -39,12 +39,15 @@ FIXED = {
     "scenario.api-queries", "scenario.api-queries-refused", "scenario.api-queries-kho-off",
     "scenario.alloc-preserve", "scenario.vmalloc",
     *(f"scenario.vmalloc-corrupt-{k}" for k in ("total", "order", "order-40", "first-null", "first-unpreserved")),
+    "scenario.restore-aliases", "scenario.corrupt-subtree-preserved-data", "scenario.corrupt-subtree-blob-size",
+    "scenario.large-scratch",
 }
 # Fault-injection sweeps: one scenario per allocation after boot (from 1 for
 # the base program, whose boot allocations fail KHO init).
 SWEEPS = ("scenario.alloc-failure-", "scenario.alloc-preserve-failure-", "scenario.vmalloc-failure-")
 CLEAN = ("scenario.empty-tree", "scenario.pfn-zero", "scenario.subtrees", "scenario.every-order",
-         "scenario.subtree-overflow")
+         "scenario.subtree-overflow", "scenario.restore-aliases", "scenario.corrupt-subtree-preserved-data",
+         "scenario.corrupt-subtree-blob-size", "scenario.large-scratch")
 EINVAL = -22
 
 
@@ -125,6 +128,20 @@ def test_every_scenario_runs_through_compare(results):
 def test_clean_scenarios_agree(results, name):
     c = results[name]
     assert c.ok, f"{name}: {c.first.line()}"
+
+
+def test_the_corners_mutation_testing_found(results):
+    """Scenarios added for mutants nothing killed (kho-conform mutate): what
+    the model expects there is what a 32-bit pfn or size, or a skipped length
+    check, would get wrong."""
+    aliases = results["scenario.restore-aliases"].model.ops
+    assert [r.rc for r in aliases[-6:-3]] == [-1, -1, -1]  # NULL: no RAM at pfn + 2^32
+    assert [(r.rc, r.value) for r in aliases[-3:]] == [(0, 0x100), (0, 0x200), (0, 0x400)]  # the real pages are still there
+    for prop in ("preserved-data", "blob-size"):
+        c = results[f"scenario.corrupt-subtree-{prop}"]
+        assert c.model.next.accepted and c.model.ops[-1].rc == EINVAL
+    marks = results["scenario.large-scratch"].model.next.scratch_marks
+    assert (1 << 32, (1 << 32) + (1 << 24)) in marks
 
 
 def test_allocation_failures_after_boot_agree(results):

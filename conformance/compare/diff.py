@@ -9,9 +9,10 @@ and every sanitizer report, which ends nothing, so everything after it is
 compared too. Handover is also checked across implementations: the C image
 restored by the model, and the model image restored by the C code.
 
-The model runs with the quirks it is given (none: the specification); the
-kernel's own outcome may be passed in, so that triage can hold it to the
-model under several quirk sets without running the kernel again.
+The model runs with the quirks it is given (none: the specification), the
+next kernel's own when it is another version's (a ``Pair``); the kernel's
+own outcome may be passed in, so that triage can hold it to the model under
+several quirk sets without running the kernel again.
 
 Cheap fingerprints are compared first; the field-by-field diff runs only when
 they differ.
@@ -28,7 +29,7 @@ from reference.outcome import EINVAL, Image, NextBoot, OpResult, Outcome, finger
 from reference.program import NOT_RUN, Header, Op, Program, Step
 
 from ..native.contract import pack_image
-from .target import Target
+from .target import Pair, Target
 
 MAX_SHOWN = 240  # characters of expected/actual kept in a record
 
@@ -106,15 +107,15 @@ class NativeRuns:
     restores: dict[bytes, Outcome] = field(default_factory=dict)  # packed image + steps -> outcome
     prefixes: dict[int, dict] = field(default_factory=dict)  # prefix length -> old-kernel view
 
-    def restore(self, target: Target, image: Image, header: Header, steps: tuple[Step, ...]) -> Outcome:
+    def restore(self, target: Target | Pair, image: Image, header: Header, steps: tuple[Step, ...]) -> Outcome:
         key = hashlib.blake2b(pack_image(image, 1 << header.page_shift) + repr(steps).encode(), digest_size=16).digest()
         if key not in self.restores:
-            self.restores[key] = target.native.restore(image, header, steps)
+            self.restores[key] = target.next.native.restore(image, header, steps)
         return self.restores[key]
 
-    def old_view(self, target: Target, prefix: Program) -> dict:
+    def old_view(self, target: Target | Pair, prefix: Program) -> dict:
         if len(prefix.steps) not in self.prefixes:
-            self.prefixes[len(prefix.steps)] = _old_view(target.native.run(prefix))
+            self.prefixes[len(prefix.steps)] = _old_view(target.old.run(prefix))
         return self.prefixes[len(prefix.steps)]
 
 
@@ -124,7 +125,8 @@ class Comparison:
     model: Outcome
     kernel: Outcome
     divergences: list[Divergence] = field(default_factory=list)
-    quirks: frozenset[str] = frozenset()  # the model's
+    quirks: frozenset[str] = frozenset()  # the model's old kernel's
+    next_quirks: frozenset[str] = frozenset()  # the model's next kernel's
     native: NativeRuns = field(default_factory=NativeRuns)
 
     @property
@@ -180,14 +182,18 @@ def _view(o: Outcome) -> dict:
     }
 
 
-def compare(program: Program, target: Target, *, quirks: frozenset[str] = frozenset(),
-            again: Comparison | None = None, handover: bool = True) -> Comparison:
-    """Run both implementations on ``program`` (the model with ``quirks``)
+def compare(program: Program, target: Target | Pair, *, quirks: frozenset[str] = frozenset(),
+            next_quirks: frozenset[str] | None = None, again: Comparison | None = None,
+            handover: bool = True) -> Comparison:
+    """Run both implementations on ``program`` (the model's old kernel with
+    ``quirks``, its next kernel with ``next_quirks``, by default the same)
     and list where they differ, first divergence first. ``again``: an
     earlier comparison of the same program, whose kernel runs are reused."""
-    expected = model.run(program, target.profile, quirks)
-    actual = again.kernel if again is not None else target.native.run(program)
-    cmp = Comparison(program, expected, actual, quirks=quirks, native=again.native if again else NativeRuns())
+    next_quirks = quirks if next_quirks is None else next_quirks
+    expected = model.run(program, target.old.profile, quirks, next_profile=target.next.profile, next_quirks=next_quirks)
+    actual = again.kernel if again is not None else target.run(program)
+    cmp = Comparison(program, expected, actual, quirks=quirks, next_quirks=next_quirks,
+                     native=again.native if again else NativeRuns())
     if fingerprint(_view(expected)) != fingerprint(_view(actual)):
         cmp.divergences += _diff(program, expected, actual, target, cmp)
     if handover:
@@ -201,7 +207,7 @@ def _steps_after_kexec(program: Program) -> tuple[int, tuple[Step, ...]] | None:
     return None if k is None else (k, program.steps[k + 1 :])
 
 
-def _diff(program: Program, exp: Outcome, act: Outcome, target: Target, cmp: Comparison) -> list[Divergence]:
+def _diff(program: Program, exp: Outcome, act: Outcome, target: Target | Pair, cmp: Comparison) -> list[Divergence]:
     out: list[Divergence] = []
     steps = program.steps
 
@@ -290,14 +296,14 @@ def _first_difference(name: str, exp: Outcome, act: Outcome) -> tuple[tuple[str,
     return (name, "?"), "?"
 
 
-def _first_state_op(program: Program, target: Target, name: str, last: int, cmp: Comparison) -> int | None:
+def _first_state_op(program: Program, target: Target | Pair, name: str, last: int, cmp: Comparison) -> int | None:
     """The first op after which the old kernel's state differs: bisect on
     prefixes of the program (only run on a mismatch)."""
     steps = program.steps[: last + 1]
 
     def differs(k: int) -> bool:
         prefix = Program(program.header, tuple(s for s in steps[:k] if s.op != Op.KEXEC))
-        return _old_view(model.run(prefix, target.profile, cmp.quirks))[name] != cmp.native.old_view(target, prefix)[name]
+        return _old_view(model.run(prefix, target.old.profile, cmp.quirks))[name] != cmp.native.old_view(target, prefix)[name]
 
     if differs(0):
         return None
@@ -308,7 +314,8 @@ def _first_state_op(program: Program, target: Target, name: str, last: int, cmp:
     return hi - 1
 
 
-def _cross_handover(program: Program, exp: Outcome, act: Outcome, target: Target, cmp: Comparison) -> list[Divergence]:
+def _cross_handover(program: Program, exp: Outcome, act: Outcome, target: Target | Pair,
+                    cmp: Comparison) -> list[Divergence]:
     """Each next kernel restores the other implementation's image."""
     after = _steps_after_kexec(program)
     if after is None or exp.image is None or act.image is None or exp.events:
@@ -317,7 +324,7 @@ def _cross_handover(program: Program, exp: Outcome, act: Outcome, target: Target
     out = []
     h = program.header
     if not act.events:  # a kernel run cut short has no next-kernel answer to hold the model's against
-        m_next, m_ops = model.restore(act.image, steps, h, target.profile, cmp.quirks)
+        m_next, m_ops = model.restore(act.image, steps, h, target.next.profile, cmp.next_quirks)
         m_kexec = OpResult(0 if m_next.accepted else -EINVAL)
         out += _next_diff("handover:c-image", program, k, act.next, act.ops[k:], m_next, [m_kexec, *m_ops], swap=True)
     c = cmp.native.restore(target, exp.image, h, steps)

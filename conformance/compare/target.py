@@ -1,14 +1,25 @@
-"""A kernel build under test and the model profile it is held to."""
+"""What is under test: one kernel build and the model profile it is held to
+(``Target``), or a live update across versions (``Pair``): the old kernel of
+one build hands its image over to the next kernel of another.
+
+Both answer the same questions for the differential engine: ``run`` (the
+kernel's outcome of a program), ``old`` and ``next`` (the build whose old
+kernel, and whose next kernel, a program meets), ``page_shift`` and
+``label``. A ``Target`` is its own old and next kernel.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from reference.outcome import OpResult, Outcome
 from reference.profiles import Profile, select_profile
+from reference.program import NOT_RUN, Program
 
 from ..errors import KhoConformError
 from ..native.binding import NativeKernel
 from ..native.build import Build
+from ..source.identity import handover_label
 
 
 @dataclass(frozen=True)
@@ -20,6 +31,70 @@ class Target:
     @property
     def label(self) -> str:
         return f"{self.build.source.version} ps{self.build.page_shift} {self.build.flavor}"
+
+    @property
+    def page_shift(self) -> int:
+        return self.build.page_shift
+
+    @property
+    def old(self) -> Target:
+        return self
+
+    @property
+    def next(self) -> Target:
+        return self
+
+    def run(self, program: Program) -> Outcome:
+        return self.native.run(program)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """The old kernel of ``old`` hands over to the next kernel of ``next``:
+    ``old``'s library runs the program up to and including kexec, ``next``'s
+    boots from the image it left and runs the rest."""
+
+    old: Target
+    next: Target
+
+    def __post_init__(self) -> None:
+        if self.old.page_shift != self.next.page_shift or self.old.build.flavor != self.next.build.flavor:
+            raise KhoConformError(f"a handover needs two builds of one page shift and flavor, not {self.old.label} "
+                                  f"and {self.next.label}")
+
+    @property
+    def kernels(self) -> str:
+        return handover_label(self.old.build.source.version, self.next.build.source.version)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kernels} ps{self.page_shift} {self.old.build.flavor}"
+
+    @property
+    def page_shift(self) -> int:
+        return self.old.page_shift
+
+    def run(self, program: Program) -> Outcome:
+        k = program.kexec_index()
+        if k is None:
+            return self.old.run(program)
+        old = self.old.run(Program(program.header, program.steps[: k + 1]))
+        if old.image is None and old.events:  # the old kernel was cut short: nothing after it runs
+            return replace(old, ops=old.ops + (OpResult(NOT_RUN),) * (len(program.steps) - k - 1))
+        if old.image is None:  # KHO disabled: no handover, the ops after kexec run in the old kernel
+            return self.old.run(program)
+        new = self.next.native.restore(old.image, program.header, program.steps[k + 1 :])
+        # Whatever happened at op k and after in the old library's run was
+        # its own next kernel's doing: the next kernel here is the other's.
+        mine = [(e, at) for e, at in zip(old.events, old.event_ops) if at is None or at < k]
+        theirs = [(e, k + (at or 0)) for e, at in zip(new.events, new.event_ops)]
+        return replace(
+            old, ops=old.ops[:k] + new.ops, next=new.next,
+            events=tuple(e for e, _ in mine + theirs), event_ops=tuple(at for _, at in mine + theirs),
+            reports=tuple(r for r in old.reports if r.op is None or r.op < k)
+            + tuple(replace(r, op=k + (r.op or 0)) for r in new.reports),
+            log=old.log + new.log,
+        )
 
 
 def target_for(build: Build) -> Target:

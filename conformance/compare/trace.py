@@ -8,7 +8,7 @@ from __future__ import annotations
 from reference.outcome import NextBoot, OpResult
 
 from .diff import Comparison
-from .target import Target
+from .target import Pair, Target
 
 MARK = "<== first divergence"
 
@@ -41,16 +41,26 @@ def _next_summary(n: NextBoot | None) -> str:
             f"scratch marks {len(n.scratch_marks)}, magic heads {len(n.magic)}, phantom pages {len(n.phantom)}")
 
 
-def trace(comparison: Comparison, target: Target | None = None) -> str:
+def _kernel_line(target: Target | Pair) -> str:
+    """Which kernel (or handover) ran, from what source, held to which profile."""
+    if isinstance(target, Pair):
+        old, new = target.old, target.next
+        return (f"{target.kernels}: old kernel {old.build.source.version} ({old.build.source.provider}), next kernel "
+                f"{new.build.source.version} ({new.build.source.provider}) ps{target.page_shift} {old.build.flavor}; "
+                f"model profiles {old.profile.name} → {new.profile.name}")
+    src = target.build.source
+    return (f"kernel {src.version} ({src.provider}) ps{target.build.page_shift} {target.build.flavor}; "
+            f"model profile {target.profile.name}")
+
+
+def trace(comparison: Comparison, target: Target | Pair | None = None) -> str:
     """Header, every op with the model's and the kernel's results side by
     side (the first divergence marked), then all divergences, the kernel's
     events and both next kernels."""
     c = comparison
     lines = []
     if target is not None:
-        src = target.build.source
-        lines.append(f"kernel {src.version} ({src.provider}) ps{target.build.page_shift} {target.build.flavor}; "
-                     f"model profile {target.profile.name}")
+        lines.append(_kernel_line(target))
     header, _, _ = c.program.text().partition("---\n")
     lines += ["", *header.splitlines(), ""]
     width = max([len(s.text()) for s in c.program.steps] + [10])

@@ -13,7 +13,15 @@ cause is proven:
   differs with every quirk on is new, even where a known bug fires first;
 - undefined behaviour, which has no model: a sanitizer report is known when a
   finding lists its exact site (check kind, function, and the hash of the
-  source line's text, which stays the same when lines move).
+  source line's text, which stays the same when lines move);
+- documentation against code: a doc check is known when a documentation
+  finding lists that check by name (``doc_checks``).
+
+Across versions (a ``Pair``), each kernel answers for its own part: the old
+kernel's version's findings (their quirks, their sanitizer sites) for what
+happens before kexec, the next kernel's version's for the handover and
+after. The proof is the same: the whole program agrees once the model's old
+kernel runs with the first quirks and its next kernel with the second.
 
 Divergence signatures are for de-duplication only, never for attribution.
 A model or shim bug is never recorded as a known finding: it is fixed.
@@ -32,7 +40,7 @@ from reference.quirks import ALL as QUIRKS
 from ..corpus import known_dir
 from ..errors import KhoConformError
 from .diff import Comparison, Divergence, compare
-from .target import Target
+from .target import Pair, Target
 
 KINDS = ("kernel-bug", "kernel-limitation", "documentation")
 
@@ -46,6 +54,7 @@ class KnownFinding:
     fixed_in: str  # first fixed version, "" while unfixed
     quirks: tuple[str, ...]  # model quirks that reproduce it
     sites: tuple[tuple[str, str, str], ...]  # sanitizer sites: (kind, function, line hash)
+    doc_checks: tuple[str, ...]  # documentation checks it explains (conformance.doc), by name
     reproducers: tuple[str, ...]  # corpus/crashes/ findings that show it
     description: str
     why_model_is_right: str
@@ -89,6 +98,7 @@ def _record(path: Path) -> KnownFinding:
         return KnownFinding(
             id=str(data["id"]), title=str(data["title"]), kind=data["kind"], affected=tuple(map(str, data["affected"])),
             fixed_in=str(data.get("fixed_in", "")), quirks=tuple(data.get("quirks", ())), sites=sites,
+            doc_checks=tuple(map(str, data.get("doc_checks", ()))),
             reproducers=tuple(map(str, data.get("reproducers", ()))), description=data["description"].strip(),
             why_model_is_right=data["why_model_is_right"].strip(), path=path,
         )
@@ -102,8 +112,10 @@ def load_known(directory: Path | None = None) -> tuple[KnownFinding, ...]:
     return tuple(_record(path) for path in sorted((directory or known_dir()).glob("*.toml")))
 
 
-def by_id(known_id: str) -> KnownFinding | None:
-    return next((k for k in load_known() if k.id == known_id), None)
+def known_doc_slip(check: str, release: str) -> KnownFinding | None:
+    """The documentation finding that explains doc check ``check`` failing
+    on kernel ``release``, if one does."""
+    return next((k for k in load_known() if check in k.doc_checks and k.affects(release)), None)
 
 
 @dataclass(frozen=True)
@@ -112,36 +124,77 @@ class Verdict:
     divergence: Divergence | None = None  # the first new divergence (fail), else the first (known); None: pass
     known: tuple[KnownFinding, ...] = ()  # the findings proven to cause what diverged
     new: tuple[Divergence, ...] = ()  # what no known finding explains
-    quirks: frozenset[str] = field(default_factory=frozenset)  # the quirks the proof needed
+    quirks: frozenset[str] = field(default_factory=frozenset)  # the quirks the proof needed (a handover's old kernel's)
+    next_quirks: frozenset[str] | None = None  # a handover across versions: its next kernel's
 
     @property
     def known_ids(self) -> str:
         return ",".join(k.id for k in self.known)
+
+    def proof(self) -> str:
+        """How the model came to agree: "" (it needed no quirk), or
+        "; the model with quirk(s) ... agrees"."""
+        if self.next_quirks is None:
+            return f"; the model with quirk(s) {', '.join(sorted(self.quirks))} agrees" if self.quirks else ""
+        parts = [f"{kernel} kernel with quirk(s) {', '.join(sorted(q))}"
+                 for kernel, q in (("old", self.quirks), ("next", self.next_quirks)) if q]
+        return f"; the model's {' and '.join(parts)} agrees" if parts else ""
 
 
 def _by_site(d: Divergence) -> bool:
     return bool(d.site)
 
 
-def triage(cmp: Comparison, target: Target, *, attribute: bool = True) -> Verdict:
+# Which kernel a quirk is switched on for: a Target's one kernel, or a Pair's old or next.
+BOTH, OLD, NEXT = "both", "old", "next"
+
+
+def _affecting(target: Target) -> list[KnownFinding]:
+    return [k for k in load_known() if k.affects(target.build.source.release)]
+
+
+def _next_side(d: Divergence, kexec: int | None) -> bool:
+    """Whether a divergence is the next kernel's doing (its boot or later)."""
+    if d.check == "handover:model-image":
+        return True
+    return kexec is not None and d.op_index is not None and d.op_index >= kexec
+
+
+def triage(cmp: Comparison, target: Target | Pair, *, attribute: bool = True) -> Verdict:
     """The verdict on one comparison of ``target``'s kernel with the model.
     ``attribute=False`` decides only new or not (what fuzzing needs): the
     quirks are not narrowed down to the ones the agreement needs, so the
     verdict names only the findings matched by a sanitizer site."""
     if cmp.ok:
         return Verdict("pass")
-    findings = [k for k in load_known() if k.affects(target.build.source.release)]
-    owners = {site: k for k in findings for site in k.sites}
-    reported = [d for d in cmp.divergences if _by_site(d)]
-    new = [d for d in reported if d.site not in owners]
-    credited = {owners[d.site].id: owners[d.site] for d in reported if d.site in owners}
+    findings = {OLD: _affecting(target.old), NEXT: _affecting(target.next)}
+    owners = {side: {site: k for k in found for site in k.sites} for side, found in findings.items()}
+    kexec = cmp.program.kexec_index()
+    new, credited = [], {}
+    for d in cmp.divergences:
+        if _by_site(d):
+            owner = owners[NEXT if _next_side(d, kexec) else OLD].get(d.site)
+            if owner is None:
+                new.append(d)
+            else:
+                credited[owner.id] = owner
 
-    used: frozenset[str] = frozenset()
+    # A Target's quirks hold for both its kernels; a Pair's for one side each.
+    if isinstance(target, Pair):
+        available = frozenset((side, q) for side in (OLD, NEXT) for k in findings[side] for q in k.quirks)
+    else:
+        available = frozenset((BOTH, q) for k in findings[OLD] for q in k.quirks)
+
+    def split(chosen: frozenset[tuple[str, str]]) -> tuple[frozenset[str], frozenset[str]]:
+        return (frozenset(q for side, q in chosen if side in (BOTH, OLD)),
+                frozenset(q for side, q in chosen if side in (BOTH, NEXT)))
+
+    used: frozenset[tuple[str, str]] = frozenset()
     if any(not _by_site(d) for d in cmp.divergences):
-        available = frozenset(q for k in findings for q in k.quirks)
 
-        def remaining(quirks: frozenset[str]) -> list[Divergence]:
-            c = compare(cmp.program, target, quirks=quirks, again=cmp)
+        def remaining(chosen: frozenset[tuple[str, str]]) -> list[Divergence]:
+            old, nxt = split(chosen)
+            c = compare(cmp.program, target, quirks=old, next_quirks=nxt, again=cmp)
             return [d for d in c.divergences if not _by_site(d)]
 
         rest = remaining(available) if available else [d for d in cmp.divergences if not _by_site(d)]
@@ -152,9 +205,13 @@ def triage(cmp: Comparison, target: Target, *, attribute: bool = True) -> Verdic
             for quirk in sorted(available):  # keep only the quirks the agreement needs
                 if not remaining(used - {quirk}):
                     used -= {quirk}
-            credited.update((k.id, k) for k in findings if set(k.quirks) & used)
+            for side, found in findings.items():
+                needed = {q for s, q in used if s in (BOTH, side)}
+                credited.update((k.id, k) for k in found if set(k.quirks) & needed)
     new.sort(key=lambda d: -1 if d.op_index is None else d.op_index)
     known = tuple(credited.values())
+    old, nxt = split(used)
+    quirks = (old, nxt) if isinstance(target, Pair) else (old, None)
     if new:
-        return Verdict("fail", new[0], known, tuple(new), used)
-    return Verdict("known", cmp.first, known, (), used)
+        return Verdict("fail", new[0], known, tuple(new), *quirks)
+    return Verdict("known", cmp.first, known, (), *quirks)

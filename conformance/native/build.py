@@ -22,7 +22,8 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from reference.geometry import PAGE_SHIFTS
@@ -57,7 +58,6 @@ class Build:
     compiler: str
     api: str
     compatible: str
-    doc_compatible: str
     unit_bytes: int
     scratch_overlap: bool  # the tree defines kho_scratch_overlap() (public API since 7.3)
     kept: list[tuple[str, int, int]] = field(default_factory=list)  # (names, first line, last line) in KHO_C
@@ -103,8 +103,7 @@ def save_bundle(b: Build, directory: Path) -> Path:
     meta = {
         "source": b.source.identity(),
         "build": {"flavor": b.flavor, "compiler": b.compiler, "api": b.api, "compatible": b.compatible,
-                  "doc_compatible": b.doc_compatible, "unit_bytes": b.unit_bytes, "scratch_overlap": b.scratch_overlap,
-                  "kept": b.kept, "sites": b.sites},
+                  "unit_bytes": b.unit_bytes, "scratch_overlap": b.scratch_overlap, "kept": b.kept, "sites": b.sites},
         "page_shift": b.page_shift,
     }
     (directory / BUNDLE_META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -172,8 +171,7 @@ def compile_objects(source: KernelSource, page_shift: int, flavor: str, cc: str,
     unit.write_text(ex.unit + unit_tail)
     flags = [*_flags(flavor), f"-DKC_PAGE_SHIFT={page_shift}"]
     objs = [work / "kho.o"]
-    run_compiler([cc, *flags, *STRICT, *include_flags(staged), f"-I{DRIVER_DIR}", *(f"-I{d}" for d in include_dirs),
-                  "-c", str(unit), "-o", str(objs[0])], f"{KHO_C} against the shims")
+    _compile_unit(cc, flags, staged, objs[0], include_dirs)
     extra = RUNTIME_EXTRA if flavor in SANITIZED_FLAVORS else []
     for path in sorted(RUNTIME_DIR.glob("*.c")):
         objs.append(work / f"{path.stem}.o")
@@ -184,6 +182,18 @@ def compile_objects(source: KernelSource, page_shift: int, flavor: str, cc: str,
         objs.append(work / f"{name}.o")
         run_compiler([cc, *flags, f"-I{libfdt}", "-w", "-c", str(libfdt / name), "-o", str(objs[-1])], f"libfdt {name}")
     return ex, objs
+
+
+def _compile_unit(cc: str, flags: list[str], staged: Path, obj: Path, include_dirs: tuple[Path, ...] = ()) -> None:
+    run_compiler([cc, *flags, *STRICT, *include_flags(staged), f"-I{DRIVER_DIR}", *(f"-I{d}" for d in include_dirs),
+                  "-c", str(staged / KHO_C), "-o", str(obj)], f"{KHO_C} against the shims")
+
+
+def _link(cc: str, flavor: str, library: Path, objs: list[Path]) -> None:
+    # Sanitizer runtimes come from the preloaded library, so only the plain
+    # flavor can insist that every symbol resolves at link time.
+    strict_link = ["-Wl,--no-undefined"] if flavor == "plain" else _flags(flavor)
+    run_compiler([cc, "-shared", *strict_link, "-o", str(library), *map(str, objs), "-ldl", "-lc"], "the library")
 
 
 def _cached(final: Path) -> dict | None:
@@ -237,16 +247,38 @@ def build(source: KernelSource, page_shift: int = 12, flavor: str = "plain", *, 
 def _compile(source: KernelSource, page_shift: int, flavor: str, cc: str, work: Path) -> dict:
     """Extract, compile and link the library into ``work``; the build's metadata."""
     ex, objs = compile_objects(source, page_shift, flavor, cc, work)
-    # Sanitizer runtimes come from the preloaded library, so only the plain
-    # flavor can insist that every symbol resolves at link time.
-    strict_link = ["-Wl,--no-undefined"] if flavor == "plain" else _flags(flavor)
-    run_compiler([cc, "-shared", *strict_link, "-o", str(work / "libkho.so"), *map(str, objs), "-ldl", "-lc"], "the library")
+    _link(cc, flavor, work / "libkho.so", objs)
     return {
-        "compiler": cc, "api": ex.api, "compatible": ex.compatible, "doc_compatible": ex.doc_compatible,
+        "compiler": cc, "api": ex.api, "compatible": ex.compatible,
         "unit_bytes": len(ex.unit.encode()), "scratch_overlap": ex.features["KC_HAS_SCRATCH_OVERLAP"] == "1",
         "kept": ex.kept, "dropped": ex.dropped,
         "sites": _sites(source.root / KHO_C, ex.kept),
     }
+
+
+def rebuild(base: Build, edit: Callable[[str], str], source: KernelSource, work: Path) -> Build:
+    """``base`` with the text of its kernel unit passed through ``edit``
+    (the unit begins with the kernel file, line for line): only the unit is
+    compiled again, in a copy of ``base``'s staged tree in ``work``, and
+    linked with ``base``'s runtime and libfdt objects. For many variants of
+    one file whose edits stay inside the items ``base`` reached (mutants):
+    the extraction, and so ``kept`` and the site table, are ``base``'s.
+    ``source``: the variant's files, for its identity."""
+    final = base.library.parent
+    objs = sorted(o for o in final.glob("*.o") if o.name != "kho.o")  # the runtime's and libfdt's
+    if not (final / "stage").is_dir() or not objs:
+        raise KhoConformError(f"{final} is not a build directory with its objects; build the base with build() first")
+    start = time.monotonic()
+    staged = work / "stage"
+    shutil.copytree(final / "stage", staged)
+    unit = staged / KHO_C
+    unit.write_text(edit(unit.read_text()))
+    try:
+        _compile_unit(base.compiler, [*_flags(base.flavor), f"-DKC_PAGE_SHIFT={base.page_shift}"], staged, work / "kho.o")
+        _link(base.compiler, base.flavor, work / "libkho.so", [work / "kho.o", *objs])
+    except KhoConformError as e:  # name files by their path in the tree
+        raise KhoConformError(str(e).replace(f"{staged}/", "")) from None
+    return replace(base, library=work / "libkho.so", source=source, seconds=round(time.monotonic() - start, 2), cached=False)
 
 
 def _from_meta(meta: dict, **fields) -> Build:

@@ -95,7 +95,6 @@ class Extraction:
     dropped: list[tuple[str, str]]  # (item, reason)
     globals: list[str]
     compatible: str  # KHO_FDT_COMPATIBLE as the code defines it
-    doc_compatible: str  # the compatible string the ABI documentation shows
 
 
 CONTRACT_HEADER = "kc_contract.h"
@@ -147,6 +146,22 @@ def preprocess(staged: Path, page_shift: int, cc: str) -> str:
         first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:300])
         raise KhoConformError(f"preprocessing {KHO_C} failed: {first}; the shims lack something this tree includes")
     return proc.stdout
+
+
+def lines_of(text: str, path: str) -> dict[int, str]:
+    """The lines of a preprocessed unit that come from the file ``path``, by
+    their line number in that file (the preprocessor's line markers)."""
+    out: dict[int, str] = {}
+    file, line = "", 0
+    for raw in text.splitlines():
+        m = _LINE_MARKER.match(raw)
+        if m:
+            line, file = int(m.group(1)), m.group(2)
+            continue
+        if file.endswith(path) and not raw.startswith("#"):
+            out[line] = raw
+        line += 1
+    return out
 
 
 def split_items(text: str) -> list[Item]:
@@ -202,9 +217,15 @@ def split_items(text: str) -> list[Item]:
     return [it for it in items if it.text not in ("", ";")]
 
 
-def _strip_gnu(text: str) -> str:
-    """Remove GNU syntax pycparser does not know; only for analysis, the
-    emitted unit keeps the original text."""
+def blank(text: str) -> str:
+    """``text`` as spaces, its line breaks kept."""
+    return re.sub(r"[^\n]", " ", text)
+
+
+def strip_gnu(text: str) -> str:
+    """Blank out GNU syntax pycparser does not know; only for analysis, the
+    emitted unit keeps the original text. Lines and columns stay where they
+    were, so coordinates in the parsed tree are those of ``text``."""
     out, i = [], 0
     pattern = re.compile(r"\b(__attribute__|__asm__|__asm)\s*\(")
     while True:
@@ -219,15 +240,17 @@ def _strip_gnu(text: str) -> str:
             j += 1
             if depth == 0:
                 break
+        out.append(blank(text[m.start() : j]))
         i = j
+    text = _GNU_NOISE.sub(lambda m: blank(m[0]), "".join(out))
     # typeof only names a type here: any type parses the same
-    return _TYPEOF.sub("int", _GNU_NOISE.sub("", "".join(out)))
+    return _TYPEOF.sub(lambda m: "int" + blank(m[0][3:]), text)
 
 
-def _lift_statement_exprs(text: str) -> tuple[str, set[str]]:
+def lift_statement_exprs(text: str) -> tuple[str, set[str]]:
     """GNU statement expressions ``({ ... })`` (the KHOSER_* macros) replaced
-    by ``(0)`` for pycparser, which has none; the identifiers inside count as
-    references."""
+    by ``(0)`` for pycparser, which has none, padded so that coordinates stay
+    the text's; the identifiers inside count as references."""
     out, names, i = [], set(), 0
     while (start := text.find("({", i)) >= 0:
         depth, j = 0, start
@@ -236,7 +259,7 @@ def _lift_statement_exprs(text: str) -> tuple[str, set[str]]:
             j += 1
             if depth == 0:
                 break
-        out.append(text[i:start] + "(0)")
+        out.append(text[i:start] + "(0" + blank(text[start + 2 : j - 1]) + ")")
         names |= set(_IDENT.findall(text[start:j]))
         i = j
     out.append(text[i:])
@@ -283,7 +306,7 @@ _TYPEDEF_FN = re.compile(r"\(\s*\*\s*(\w+)\s*\)")
 _LAST_IDENT = re.compile(r"(\w+)\s*(\[[^\]]*\]\s*)*$")
 
 
-def _typedef_names(item_text: str) -> set[str]:
+def typedef_names(item_text: str) -> set[str]:
     body = item_text.rstrip(";").strip()
     if not body.startswith("typedef"):
         return set()
@@ -301,20 +324,20 @@ def analyse(items: list[Item]) -> None:
     parser = c_parser.CParser()
     typedefs: list[str] = []
     for item in items:
-        text, lifted = _lift_statement_exprs(_strip_gnu(item.text))
+        text, lifted = lift_statement_exprs(strip_gnu(item.text))
         prelude = "".join(f"typedef int {t};\n" for t in typedefs)
         try:
             ast = parser.parse(prelude + text, filename=item.file)
         except (ParseError, AssertionError) as e:
             item.parse_error = str(e).split("\n")[0]
-            item.defines = _typedef_names(item.text) or _guess_defined(item.text)
+            item.defines = typedef_names(item.text) or _guess_defined(item.text)
         else:
             for node in ast.ext[len(typedefs):]:
                 item.defines |= _defined_names(node)
                 refs = _Refs()
                 refs.visit(node)
                 item.refs |= refs.names | lifted
-        typedefs.extend(sorted(_typedef_names(item.text) - set(typedefs)))
+        typedefs.extend(sorted(typedef_names(item.text) - set(typedefs)))
 
 
 _FUNC_NAME = re.compile(r"(\w+)\s*\(")
@@ -377,13 +400,12 @@ def _file_globals(items: list[Item], main_file: str) -> list[str]:
     return names
 
 
-def _compat(root: Path) -> tuple[str, str]:
+def _compat(root: Path) -> str:
     text = (root / ABI_HEADER).read_text()
     code = re.search(r'#define\s+KHO_FDT_COMPATIBLE\s+"([^"]+)"', text)
-    doc = re.search(r'compatible\s*=\s*"([^"]+)"', text)
     if not code:
         raise KhoConformError("the tree's KHO ABI header defines no KHO_FDT_COMPATIBLE; not a 7.1+ tree")
-    return code.group(1), doc.group(1) if doc else ""
+    return code.group(1)
 
 
 def extract(root: Path, work: Path, page_shift: int, cc: str) -> Extraction:
@@ -407,7 +429,7 @@ def extract(root: Path, work: Path, page_shift: int, cc: str) -> Extraction:
                 # public since 7.3; before, only a debug-build helper of the internal header
                 "KC_HAS_SCRATCH_OVERLAP": "1" if "kho_scratch_overlap" in main_defs else "0"}
     glob = _file_globals(kept, KHO_C)
-    code_compat, doc_compat = _compat(root)
+    code_compat = _compat(root)
     unit = _blank_unreached(staged / KHO_C, items, kept)
     trailer = ["", "/* ---- generated by conformance/native/extract.py ---- */"]
     trailer += [f"#define {k} {v}" for k, v in features.items()]
@@ -417,7 +439,7 @@ def extract(root: Path, work: Path, page_shift: int, cc: str) -> Extraction:
     return Extraction(
         unit=unit + "\n".join(trailer), api=api, features=features,
         kept=[(",".join(sorted(it.defines)), it.line, it.end) for it in kept if it.file.endswith(KHO_C)],
-        dropped=dropped, globals=glob, compatible=code_compat, doc_compatible=doc_compat,
+        dropped=dropped, globals=glob, compatible=code_compat,
     )
 
 

@@ -1,7 +1,8 @@
 """The hypothesis state machine over the op language.
 
 ``KhoMachine`` is a module-level ``RuleBasedStateMachine`` whose ``target``
-class attribute is the kernel build under test; ``machine_for(target)`` is
+class attribute is the kernel build under test (or a handover from one
+kernel to another, a ``Pair``: the rules are the same); ``machine_for(target)`` is
 the one-line subclass that binds it, and its ``TestCase`` is what pytest
 collects. Rules write a program: random preserve/unpreserve/subtree
 sequences, at most one ``kexec``, then restores of what was really
@@ -49,7 +50,7 @@ from reference.program import AREA_ALLOC, AREA_HUGE, SLOTS, Header, Op, Program,
 from reference.vmalloc import chunk_capacity
 
 from ..compare.diff import Comparison, Divergence, compare
-from ..compare.target import Target
+from ..compare.target import Pair, Target
 from ..compare.triage import triage
 from .layouts import RAM_PFNS, SCRATCH, busy_pfns, standard_header
 
@@ -69,7 +70,7 @@ TEST_SETTINGS = settings(
 class UnknownDivergence(AssertionError):
     """The model and the kernel disagree, and no known finding explains it."""
 
-    def __init__(self, target: Target, program: Program, cmp: Comparison, divergence: Divergence) -> None:
+    def __init__(self, target: Target | Pair, program: Program, cmp: Comparison, divergence: Divergence) -> None:
         self.program = program
         self.divergence = divergence
         self.comparison = cmp
@@ -164,7 +165,7 @@ BOUNDARIES = st.one_of(
 class KhoMachine(RuleBasedStateMachine):
     """Bind to a build with ``machine_for(target)``."""
 
-    target: ClassVar[Target]
+    target: ClassVar[Target | Pair]
     examples_run: ClassVar[int] = 0
     steps_run: ClassVar[int] = 0
 
@@ -176,7 +177,7 @@ class KhoMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.P = self.target.build.page_shift
+        self.P = self.target.page_shift
         self.geo = geometry(self.P)
         self.steps: list[Step] = []
         self.kexeced = False
@@ -389,7 +390,7 @@ class KhoMachine(RuleBasedStateMachine):
             raise UnknownDivergence(self.target, program, cmp, verdict.divergence)
 
 
-def machine_for(target: Target) -> type[KhoMachine]:
+def machine_for(target: Target | Pair) -> type[KhoMachine]:
     """``KhoMachine`` bound to ``target``; its ``TestCase`` runs with the
     test suite's settings."""
     name = "KhoMachine_" + re.sub(r"\W+", "_", target.label).strip("_")
@@ -398,7 +399,7 @@ def machine_for(target: Target) -> type[KhoMachine]:
     return machine
 
 
-def run_stateful(target: Target, max_examples: int = 25, seed: int | None = None, step_count: int = 20,
+def run_stateful(target: Target | Pair, max_examples: int = 25, seed: int | None = None, step_count: int = 20,
                  on_failure: Callable[[Program, Divergence], None] | None = None) -> tuple[bool, str]:
     """Run the machine against ``target`` (for ``kho-conform check``).
     Returns (ok, one line): the examples run, or the (shrunk) failing

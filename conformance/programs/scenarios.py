@@ -667,10 +667,52 @@ def _corrupt(P: int) -> list[Scenario]:
     ]
 
 
+# ---- found by kho-conform mutate: corners the kernel's code has and no scenario reached ----
+
+
+def _restore_aliases(P: int) -> list[Scenario]:
+    alias = 1 << 32  # a pfn outside RAM whose low 32 bits name a preserved page
+    ops = _Ops(P).folio(0x100, 0).pages(0x200, 4).folio(0x400, 2)
+    ops.kexec()
+    ops.restore_folio(alias + 0x100).restore_pages(alias + 0x200, 4).restore_folio(alias + 0x400)
+    ops.restore_folio(0x100).restore_pages(0x200, 4).restore_folio(0x400)
+    return [Scenario("scenario.restore-aliases", _program(standard_header(P), ops),
+                     "Restores at pfn + 2^32 of preserved pages: no RAM there, so they fail and leave "
+                     "the real pages preserved; pfns held in 32 bits would restore those instead.")]
+
+
+def _corrupt_subtree(P: int) -> list[Scenario]:
+    header = standard_header(P)
+    fdt = Fdt(_outcome(_program(header, _corrupt_base(P))).fdt)
+    node = fdt.subnode_offset(0, "blob")
+    assert node > 0, "the base program adds the subtree 'blob'"
+
+    def truncated(prop: str) -> Scenario:
+        length = fdt.value_offset(node, prop) - 8  # the property's big-endian length, 8 bytes
+        # 7 bytes still occupy 8 in the structure block: the other property stays readable.
+        ops = _corrupt_base(P).add(Op.POKE_FDT, length + 3, 7)
+        return Scenario(f"scenario.corrupt-subtree-{prop}", _program(header, _corrupt_tail(ops)),
+                        f"The subtree's {prop} property said to be 7 bytes long in the handover FDT: the "
+                        "next kernel takes the handover, and retrieving that subtree fails with -EINVAL.")
+
+    return [truncated(model.SUBTREE_DATA_PROP), truncated(model.SUBTREE_SIZE_PROP)]
+
+
+def _large_scratch(P: int) -> list[Scenario]:
+    # 16 GiB of RAM at 4 KiB pages (more at larger ones); the area starts at 4 GiB.
+    scratch = ((1 << 32, (1 << 32) + (1 << 24)),)
+    header = standard_header(P, ram=((0, 1 << 22),), scratch=scratch)
+    ops = _Ops(P).folio(0x10, 0).kexec().restore_folio(0x10)
+    return [Scenario("scenario.large-scratch", _program(header, ops),
+                     "A scratch area of 4 GiB + 16 MiB at 4 GiB: the next kernel marks all of it as "
+                     "scratch (a size held in 32 bits would mark 16 MiB).")]
+
+
 _BUILDERS: tuple[Callable[[int], list[Scenario]], ...] = (
     _empty_tree, _every_order, _widest_orders, _pfn_zero, _highest_pfns, _numa_crossing, _ram_holes,
     _alloc_failures, _subtrees, _subtree_overflow, _fdt_edge, _restore_pages_numa, _range_2_40, _restore_huge, _corrupt,
     _queries, _alloc_preserve, _vmalloc, _vmalloc_failures, _vmalloc_corrupt,
+    _restore_aliases, _corrupt_subtree, _large_scratch,
 )
 
 

@@ -12,11 +12,22 @@ from .email import render_email
 from .html import render_html
 from .junit import render_junit
 from .markdown import render_markdown
-from .schema import STATUSES, Cell, CheckResult, CoverageResult, FuzzPoint, Report, exit_status, load_report
-from .terminal import summary_table
+from .schema import (
+    STATUSES,
+    Cell,
+    CheckResult,
+    CoverageResult,
+    FuzzPoint,
+    MutantResult,
+    MutationResult,
+    Report,
+    exit_status,
+    load_report,
+)
+from .terminal import mutation_table, summary_table
 
-__all__ = ["STATUSES", "Cell", "CheckResult", "CoverageResult", "FuzzPoint", "Report", "exit_status", "load_report", "render_email",
-           "summary_table", "write_report"]
+__all__ = ["STATUSES", "Cell", "CheckResult", "CoverageResult", "FuzzPoint", "MutantResult", "MutationResult", "Report",
+           "exit_status", "load_report", "mutation_table", "render_email", "summary_table", "write_report"]
 
 
 def write_report(report: Report, out_dir: Path) -> dict[str, Path]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import textwrap
 
 from ..source.identity import short_digest
-from .schema import STATUSES, Report, exit_status, new_findings, ranges_text, unique_sources
+from .schema import STATUSES, Report, exit_status, mutation_summary, new_findings, ranges_text, unique_sources
 
 WIDTH = 72
 
@@ -93,6 +93,9 @@ def render_email(report: Report) -> str:
         out += _wrap(f"source: {s.get('provider', '?')}", "  ", "      ")
         for i, (name, sha) in enumerate(s.get("patches") or [], 1):
             out += _wrap(f"patch {i}: {name} (sha256 {sha[:12]})", "  ", "      ")
+    handovers = list(dict.fromkeys(c.kernels for c in report.cells if c.next_kernel))
+    if handovers:
+        out += _wrap(f"handovers across versions: {', '.join(handovers)}", "  ", "      ")
     shifts = sorted({c.page_shift for c in report.cells})
     flavors = list(dict.fromkeys(c.flavor for c in report.cells))
     out += _wrap(f"page shifts: {', '.join(map(str, shifts)) or '-'}; flavors: {', '.join(flavors) or '-'}", "  ", "      ")
@@ -125,7 +128,7 @@ def render_email(report: Report) -> str:
     known = sorted({i for c in report.cells for k in c.checks if k.status == "known" for i in k.known_id.split(",") if i})
     if known:
         out += ["", "Known kernel bugs seen (triaged, not new)"] + _wrap(", ".join(known), "  ")
-    out += _coverage(report) + [""]
+    out += _coverage(report) + _mutation(report) + [""]
     out = [line.rstrip() for line in out] + ["-- ", f"kho-conform {report.tool_version}"]  # "-- ": the signature mark
     return "\n".join(out) + "\n"
 
@@ -150,4 +153,12 @@ def _coverage(report: Report) -> list[str]:
         pct = 100 * t["covered"] / t["lines"] if t["lines"] else 0.0
         out += _wrap(f"whole file: {t['covered']}/{t['lines']} lines ({pct:.1f}%), {t['branches_taken']}/{t['branches']} "
                      f"branch outcomes, {t['functions_called']}/{t['functions']} functions", "    ", "      ")
+    return out
+
+
+def _mutation(report: Report) -> list[str]:
+    out = []
+    for r in report.mutation:
+        out += ["", f"Mutation testing of {r.kernel}, page shift {r.page_shift}"] + _wrap(mutation_summary(r), "  ", "  ")
+        out += [f"  survived: {m.name}"[:WIDTH] for m in r.survivors()]
     return out

@@ -18,18 +18,24 @@ from ..native.coverage import FileCoverage
 from ..source.identity import short_digest
 from .schema import (
     GROUPS,
+    MUTANT_STATUSES,
     STATUSES,
     WORST_FIRST,
     Cell,
     CheckResult,
     CoverageResult,
+    MutationResult,
     Report,
     check_families,
     check_names,
     clean,
     divergence_fields,
+    mutation_rows,
+    mutation_settings,
+    mutation_summary,
     new_findings,
     source_label,
+    sources_label,
     unique_sources,
     worst,
 )
@@ -118,7 +124,7 @@ def _divergence(k: CheckResult, c: Cell) -> str:
     d = k.divergence or {}
     known = f" (known: {_e(k.known_id)})" if k.status == "known" else ""
     rows = [[f"<th>{label}</th>", f"<td><code>{_e(v)}</code></td>"] for label, v in divergence_fields(k)]
-    rows.append(["<th>kernel source</th>", f"<td>{_e(source_label(c.source))}</td>"])
+    rows.append(["<th>kernel source</th>", f"<td>{_e(sources_label(c))}</td>"])
     out = (f"<div class='div {k.status}'><p><strong>{_e(k.name)}</strong>{known}: {_e(k.detail)}</p>" + _table(["", ""], rows)
            + (f"<p>Expected (model):</p><pre>{_e(d.get('expected', ''))}</pre>"
               f"<p>Actual (kernel C):</p><pre>{_e(d.get('actual', ''))}</pre>" if d else ""))
@@ -138,7 +144,7 @@ def _drilldown(report: Report, families: dict[str, tuple[str, str]]) -> str:
         n = c.counts()
         # Headings, not a collapsed block: a link into a closed <details> would land on nothing visible.
         parts.append(f"<h3 id='{_slug('cell', i)}'>{_e(c.name)}: {_e(_counts_title(n))}</h3><p class='meta'>Source "
-                     f"{_e(source_label(c.source))}; build {c.build_seconds:.1f} s.</p>")
+                     f"{_e(sources_label(c))}; build {c.build_seconds:.1f} s.</p>")
         by_family: dict[tuple[str, str], list[CheckResult]] = {}
         for k in c.checks:
             by_family.setdefault(families[k.name], []).append(k)
@@ -245,6 +251,33 @@ def _annotated(i: int, r: CoverageResult) -> str:
     return head + "<table class='cov'>" + "".join(rows) + "</table></details>"
 
 
+def _mutation(r: MutationResult) -> str:
+    """The score, a row per function, each survivor's diff and what its
+    kernel did otherwise, then the mutants that did not build or timed out."""
+    out = [f"<h3>{_e(r.kernel)} ps{r.page_shift}</h3><p class='verdict'>{_e(mutation_summary(r))}</p>",
+           f"<p class='meta'>{_e(mutation_settings(r))}</p>",
+           _table(["function", "mutants", *MUTANT_STATUSES, "score"], [
+               [f"<td><code>{_e(f)}</code></td>", f"<td class='num'>{sum(n.values())}</td>",
+                *(f"<td class='num'>{n[s]}</td>" for s in MUTANT_STATUSES), f"<td class='num'>{_e(score)}</td>"]
+               for f, n, score in mutation_rows(r)])]
+    survivors = r.survivors()
+    if survivors:
+        out.append(f"<h4>Survivors ({len(survivors)})</h4>")
+    for m in survivors:
+        changed = ("<p>The kernel behaved otherwise than unmutated, with the same verdicts, on:</p><ul>"
+                   + "".join(f"<li>{_e(c)}</li>" for c in m.changed) + "</ul>" if m.changed
+                   else "<p class='meta'>The kernel behaved as unmutated on every check.</p>")
+        out.append(f"<div class='div known'><p><code>{_e(m.name)}</code> {_e(m.description)}</p><pre>{_e(m.diff)}</pre>"
+                   f"{changed}</div>")
+    others = [m for m in r.mutants if m.status in ("did-not-build", "timed-out")]
+    if others:
+        out.append(f"<details><summary>Did not build or timed out ({len(others)})</summary>" + _table(
+            ["mutant", "change", "status", "detail"],
+            [[f"<td><code>{_e(m.name)}</code></td>", f"<td>{_e(m.description)}</td>", f"<td>{m.status}</td>",
+              f"<td>{_e(m.detail)}</td>"] for m in others]) + "</details>")
+    return "".join(out)
+
+
 def _ticks(hi: float, n: int = 5) -> list[float]:
     hi = hi if hi > 0 and math.isfinite(hi) else 1.0
     raw = hi / n
@@ -321,6 +354,9 @@ def render_html(report: Report) -> str:
     if report.coverage:
         parts.append("<h2 id='coverage'>Coverage</h2>")
         parts += [_coverage_summary(i, r) for i, r in enumerate(report.coverage)]
+    if report.mutation:
+        parts.append("<h2 id='mutation'>Mutation</h2>")
+        parts += [_mutation(r) for r in report.mutation]
     if report.cells:
         parts.append(_drilldown(report, families))
     parts.append("<h2>Fuzzing</h2>")

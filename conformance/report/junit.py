@@ -5,7 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 from ..source.identity import short_digest
-from .schema import Report, clean, divergence_fields
+from .schema import MUTANT_STATUSES, Report, clean, divergence_fields, mutation_rows, mutation_summary
 
 
 def render_junit(report: Report) -> str:
@@ -16,9 +16,10 @@ def render_junit(report: Report) -> str:
         suite = ET.SubElement(root, "testsuite", name=clean(c.name), tests=str(len(c.checks)), failures=str(n["fail"]),
                               errors=str(n["error"]), skipped=str(n["skipped"]), time=f"{sum(k.seconds for k in c.checks):.3f}")
         props = ET.SubElement(suite, "properties")
-        for key in ("version", "provider"):
-            ET.SubElement(props, "property", name=f"source.{key}", value=clean(c.source.get(key, "")))
-        ET.SubElement(props, "property", name="source.files", value=short_digest(c.source))
+        for prefix, source in [("source", c.source)] + [("next_source", c.next_source)] * bool(c.next_kernel):
+            for key in ("version", "provider"):
+                ET.SubElement(props, "property", name=f"{prefix}.{key}", value=clean(source.get(key, "")))
+            ET.SubElement(props, "property", name=f"{prefix}.files", value=short_digest(source))
         for k in c.checks:
             case = ET.SubElement(suite, "testcase", name=clean(k.name), classname=clean(c.name), time=f"{k.seconds:.3f}")
             d = k.divergence or {}
@@ -35,5 +36,16 @@ def render_junit(report: Report) -> str:
                 ET.SubElement(case, "skipped", message=clean(k.detail))
             elif k.status == "known":
                 ET.SubElement(case, "system-out").text = clean(f"known kernel bug {k.known_id}: {k.detail}\n{body}")
+    for r in report.mutation:
+        # A measure of the suite, not a verdict on the kernel: survivors are listed, never failures.
+        suite = ET.SubElement(root, "testsuite", name=clean(f"mutation {r.kernel} ps{r.page_shift}"), tests=str(len(r.functions)),
+                              failures="0", errors="0", skipped="0", time=f"{r.seconds:.3f}")
+        props = ET.SubElement(suite, "properties")
+        ET.SubElement(props, "property", name="mutation.summary", value=clean(mutation_summary(r)))
+        for f, n, score in mutation_rows(r)[:-1]:
+            case = ET.SubElement(suite, "testcase", name=clean(f), classname=clean(f"mutation {r.kernel} ps{r.page_shift}"))
+            survivors = [f"survived: {m.name} {m.description}" for m in r.survivors() if m.function == f]
+            ET.SubElement(case, "system-out").text = clean("\n".join([f"score {score}: " + ", ".join(
+                f"{n[s]} {s}" for s in MUTANT_STATUSES), *survivors]))
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"

@@ -7,14 +7,19 @@ from typing import Any
 
 from ..source.identity import short_digest
 from .schema import (
+    MUTANT_STATUSES,
     STATUSES,
     CoverageResult,
+    MutationResult,
     Report,
     clean,
     divergence_fields,
     divergences,
+    mutation_rows,
+    mutation_settings,
+    mutation_summary,
     ranges_text,
-    source_label,
+    sources_label,
     unique_sources,
     verdict,
 )
@@ -46,10 +51,10 @@ def render_markdown(report: Report) -> str:
            "|---|---:|---|" + "---:|" * len(STATUSES) + ":-:|"]
     for c in report.cells:
         n = c.counts()
-        out.append(f"| {_md(c.kernel)} | {c.page_shift} | {_md(c.flavor)} | "
+        out.append(f"| {_md(c.kernels)} | {c.page_shift} | {_md(c.flavor)} | "
                    + " | ".join(str(n[s]) for s in STATUSES) + f" | {verdict(n)} |")
     for c in report.cells:
-        out += ["", f"## {_md(c.name)}", "", f"Source: {_md(source_label(c.source))}; build {c.build_seconds:.1f} s.", "",
+        out += ["", f"## {_md(c.name)}", "", f"Source: {_md(sources_label(c))}; build {c.build_seconds:.1f} s.", "",
                 "| check | status | seconds | detail |", "|---|---|---:|---|"]
         out += [f"| {_code(k.name)} | {SYMBOLS[k.status]} {k.status} | {k.seconds:.2f} | {_md(k.detail)} |" for k in c.checks]
     divs = divergences(report)
@@ -60,7 +65,7 @@ def render_markdown(report: Report) -> str:
         d = k.divergence or {}
         out += ["", f"### {_md(title)}", "", _md(k.detail), ""]
         out += [f"- {label}: {_code(value)}" for label, value in divergence_fields(k)]
-        out += [f"- kernel source: {_md(source_label(c.source))}", "", "Expected (model):", "",
+        out += [f"- kernel source: {_md(sources_label(c))}", "", "Expected (model):", "",
                 _fence(str(d.get("expected", ""))), "", "Actual (kernel C):", "", _fence(str(d.get("actual", "")))]
         if k.reproducer:
             out += ["", "Reproduce:", "", _fence(k.reproducer)]
@@ -73,6 +78,8 @@ def render_markdown(report: Report) -> str:
             out.append(f"| {_md(c.name)} | {p.seconds:.0f} | {p.execs} | {p.exec_per_s:.0f} | {p.coverage} | {p.corpus} | {p.findings} |")
     for r in report.coverage:
         out += _coverage(r)
+    for m in report.mutation:
+        out += _mutation(m)
     if report.notes:
         out += ["", "## Notes", ""] + [f"- {_md(n)}" for n in report.notes]
     out += ["", "## Kernel sources"]
@@ -99,4 +106,24 @@ def _coverage(r: CoverageResult) -> list[str]:
     out += ["", "| function | line | calls | lines executed | changed lines executed |", "|---|---:|---:|---:|---:|"]
     out += [f"| {_code(fn.name)} | {fn.line} | {fn.calls} | {fn.covered}/{fn.lines} | "
             f"{f'{fn.changed_covered}/{fn.changed}' if fn.changed else ''} |" for fn in f.functions]
+    return out
+
+
+def _mutation(r: MutationResult) -> list[str]:
+    out = ["", f"## Mutation: {_md(r.kernel)} ps{r.page_shift}", "", _md(mutation_summary(r)), "", _md(mutation_settings(r)), "",
+           "| function | mutants | " + " | ".join(MUTANT_STATUSES) + " | score |", "|---|---:|" + "---:|" * len(MUTANT_STATUSES) + "---:|"]
+    out += [f"| {_code(f)} | {sum(n.values())} | " + " | ".join(str(n[s]) for s in MUTANT_STATUSES) + f" | {score} |"
+            for f, n, score in mutation_rows(r)]
+    survivors = r.survivors()
+    if survivors:
+        out += ["", f"### Survivors ({len(survivors)})"]
+    for m in survivors:
+        out += ["", f"#### {_code(m.name)} {_md(m.description)}", "", _fence(m.diff.rstrip("\n")), ""]
+        out += (["The kernel behaved otherwise than unmutated, with the same verdicts, on:", ""] + [f"- {_md(c)}" for c in m.changed]
+                if m.changed else ["The kernel behaved as unmutated on every check."])
+    others = [m for m in r.mutants if m.status in ("did-not-build", "timed-out")]
+    if others:
+        out += ["", f"### Did not build or timed out ({len(others)})", "", "| mutant | change | status | detail |", "|---|---|---|---|"]
+        out += [f"| {_code(m.name)} | {_md(m.description)} | {m.status} | {_md(m.detail)} |"
+                for m in others]
     return out

@@ -85,3 +85,8 @@ def line_ranges(data: dict) -> dict[str, tuple[tuple[int, int], ...]]:
 def short_digest(identity: dict) -> str:
     """The digest of a serialised identity, as reports show it."""
     return str(identity.get("digest") or "?")[:SHORT_DIGEST]
+
+
+def handover_label(old: str, new: str) -> str:
+    """How reports name a live update from kernel version ``old`` to ``new``."""
+    return f"handover {old} → {new}"

@@ -765,7 +765,6 @@ static void init_once(void)
 		abort();
 	}
 	kc_page_offset = (unsigned long)direct_map;
-	kc_sanitizer_init();
 	arena_order = calloc(KC_MAX_ARENA_PAGES, 1);
 	arena_used = calloc(KC_MAX_ARENA_PAGES, 1);
 	memset(&sa, 0, sizeof(sa));
@@ -797,6 +796,7 @@ int kc_setup(const struct kc_header *h)
 	unsigned long want;
 
 	init_once();
+	kc_sanitizer_attach();
 	if (h->page_shift != KC_PAGE_SHIFT || h->arena_pages < 2 || h->arena_pages > KC_MAX_ARENA_PAGES ||
 	    h->n_ram > KC_MAX_RAM_RANGES || h->n_numa > KC_MAX_NUMA_RANGES || h->n_scratch > KC_MAX_SCRATCH)
 		return -1;

@@ -86,8 +86,8 @@ unsigned long long kc_text(const char *fmt, ...) __attribute__((format(printf, 1
 
 /* Offset of a code address in this library, for symbolizing in Python. */
 unsigned long long kc_code_offset(void *pc);
-/* Route sanitizer reports into records (kc_sanitizer.c). */
-void kc_sanitizer_init(void);
+/* Route sanitizer reports into this library's records; called before each run (kc_sanitizer.c). */
+void kc_sanitizer_attach(void);
 
 struct kc_header;
 /* Reset all runtime state for a new program; non-zero for a bad header. */

@@ -167,12 +167,15 @@ static void on_asan_report(const char *text)
 	kc_record(KC_REC_SANITIZER, kc_text("%s\t?\t0\t0\t%s", kind, frames), 1, 0);
 }
 
-void kc_sanitizer_init(void)
+/* ASan has one report callback per process: the library about to run
+ * takes it, so that with two kernel libraries loaded (a handover across
+ * versions) each report lands in the records of the library it came from. */
+void kc_sanitizer_attach(void)
 {
 	__asan_set_error_report_callback(on_asan_report);
 }
 #else
-void kc_sanitizer_init(void)
+void kc_sanitizer_attach(void)
 {
 }
 #endif
