@@ -32,7 +32,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
-from . import quirks
+from . import quirks, shortcuts
 from .arena import Arena, Words, set_word
 from .fdt import Fdt, kho_add_subtree, kho_remove_subtree, kho_root_fdt
 from .geometry import MAX_PAGE_ORDER, Geometry, geometry
@@ -46,6 +46,7 @@ from .keys import (
     in_domain,
     kernel_decode,
     kernel_key,
+    one_block,
     pfn_key,
     range_blocks,
     range_in_domain,
@@ -80,6 +81,8 @@ OK = OpResult()
 UNSUPPORTED = OpResult(-EOPNOTSUPP)
 NOT_RUN_RESULT = OpResult(NOT_RUN)
 NULL = -1  # restore ops: the kernel returned NULL
+# Quirks under which a page range is walked otherwise than block by block in the key domain.
+WALK_QUIRKS = frozenset({quirks.UNVALIDATED_DOMAIN, quirks.RANGE_INT_SHIFT})
 
 WARN_DEL_ABSENT = "radix-del-absent"
 WARN_BAD_MAGIC = "restore-bad-magic"
@@ -211,8 +214,7 @@ class OldKernel:
         if op == Op.PRESERVE_PAGES:
             return self._preserve_pages(a, b)
         if op == Op.UNPRESERVE_PAGES:
-            blocks = self._range_blocks(a, b, self._preserve_numa())
-            return blocks if isinstance(blocks, OpResult) else self._delete([self._block_key(*k) for k in blocks])
+            return self._unpreserve_pages(a, b)
         if op in (Op.RADIX_ADD_KEY, Op.RADIX_DEL_KEY):
             if not self.profile.key_api:
                 return UNSUPPORTED
@@ -373,12 +375,12 @@ class OldKernel:
         chunk = desc.first
         while chunk:
             words = self._chunk(chunk)
-            warnings += self._apply(Step(Op.UNPRESERVE_PAGES, chunk >> P, 1)).warnings
+            warnings += self._unpreserve_pages(chunk >> P, 1).warnings
             for i in range(chunk_capacity(self.geo.page_size)):
                 phys = words.get(1 + i, 0)
                 if not phys:
                     break
-                warnings += self._apply(Step(Op.UNPRESERVE_PAGES, phys >> P, 1 << desc.order)).warnings
+                warnings += self._unpreserve_pages(phys >> P, 1 << desc.order).warnings
             following = words.get(CHUNK_NEXT_WORD, 0)
             self.arena.free(chunk)
             chunk = following
@@ -448,6 +450,21 @@ class OldKernel:
         absent = sum(not self.tree.delete(k) for k in keys)
         return OpResult(warnings=(WARN_DEL_ABSENT,) * min(absent, WARN_CAP)) if absent else OK
 
+    def _one_block(self, pfn: int, nr_pages: int, numa: str) -> int | None:
+        """Shortcut: the order of a range the walk visits as one block (no
+        quirk changing the walk), else None (walk it)."""
+        if not shortcuts.ENABLED or self.quirks & WALK_QUIRKS:
+            return None
+        return one_block(pfn, nr_pages, self.header, numa)
+
+    def _unpreserve_pages(self, pfn: int, nr_pages: int) -> OpResult:
+        numa = self._preserve_numa()
+        order = self._one_block(pfn, nr_pages, numa)
+        if order is not None:
+            return self._delete([self._block_key(pfn, order)])
+        blocks = self._range_blocks(pfn, nr_pages, numa)
+        return blocks if isinstance(blocks, OpResult) else self._delete([self._block_key(*k) for k in blocks])
+
     def _preserve_pages(self, pfn: int, nr_pages: int) -> OpResult:
         """Add every block; on failure remove the keys this call set (keys
         that were already present stay) and return the error. Quirk
@@ -455,6 +472,10 @@ class OldKernel:
         failing one, recomputed for the range that ends there."""
         assert self.tree is not None
         numa = self._preserve_numa()
+        order = self._one_block(pfn, nr_pages, numa)
+        if order is not None:  # one block: nothing of this call to roll back
+            rc = self._add(self._block_key(pfn, order))
+            return OpResult(rc) if rc else OK
         blocks = self._range_blocks(pfn, nr_pages, numa)
         if isinstance(blocks, OpResult):
             return blocks

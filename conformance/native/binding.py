@@ -16,6 +16,7 @@ from cffi import FFI
 from reference.arena import words_from_bytes
 from reference.fdt import Fdt
 from reference.geometry import geometry
+from reference.image import PageStore
 from reference.outcome import EOPNOTSUPP, Image, NextBoot, OpResult, Outcome, SanitizerReport, TreeNode
 from reference.program import ARENA_BASE_PHYS, NOT_RUN, Header, Op, Program, Step
 from reference.tree import leaf_bits, traverse
@@ -186,7 +187,8 @@ class NativeKernel:
         scratch = (page(ARENA_BASE_PHYS) or b"")[: 16 * len(header.scratch)]
         zero = bytes(ps)
         other = {ARENA_BASE_PHYS + i * ps: raw[i * ps : (i + 1) * ps] for i in range(n[0])}
-        other = {p: data for p, data in other.items() if p not in node_pages and data != zero}
+        other = PageStore({p: words_from_bytes(data, ps) for p, data in other.items()
+                           if p not in node_pages and data != zero}, ps)
         image = Image(self.page_shift, fdt_phys, fdt, ARENA_BASE_PHYS, scratch, node_pages, other, arena_hwm)
         return {"root_phys": root_phys, "tree": tree, "node_pages": node_pages, "fdt": fdt, "image": image}
 
@@ -201,9 +203,10 @@ def _own_line_hash(path: str, line: int) -> str:
     return line_hash(lines[line - 1]) if 0 < line <= len(lines) else ""
 
 
-def _canonical_tree(root: int, page, page_shift: int) -> tuple[tuple[TreeNode, ...], dict[int, bytes]]:
+def _canonical_tree(root: int, page, page_shift: int) -> tuple[tuple[TreeNode, ...], PageStore]:
     """The C tree in canonical form, read with the same ABI traversal the
-    model uses (reference.tree), so both sides are named the same way."""
+    model uses (reference.tree), so both sides are named the same way; its
+    pages as words, like the model's."""
     ps = 1 << page_shift
     cache: dict[int, dict[int, int] | None] = {}
 
@@ -213,11 +216,11 @@ def _canonical_tree(root: int, page, page_shift: int) -> tuple[tuple[TreeNode, .
             cache[phys] = None if data is None else words_from_bytes(data, ps)
         return cache[phys]
 
-    nodes, raw = [], {}
+    nodes, pages = [], {}
     for v in traverse(root, geometry(page_shift), words, strict=False):
         nodes.append(TreeNode(v.path, v.level, v.phys, tuple(sorted(v.words)) if v.level else tuple(leaf_bits(v.words))))
-        raw[v.phys] = page(v.phys)
-    return tuple(nodes), raw
+        pages[v.phys] = v.words
+    return tuple(nodes), PageStore(pages, ps)
 
 
 @functools.lru_cache(maxsize=None)

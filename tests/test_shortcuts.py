@@ -1,0 +1,67 @@
+"""Every speed shortcut (reference/shortcuts.py) gives the same results as
+the long way: the model's outcome, the comparison's divergences and the
+triage verdict, over the seed corpus, the saved findings and a hypothesis
+sample of fuzzer inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, get_build
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conformance.compare.diff import compare
+from conformance.compare.target import target_for
+from conformance.compare.triage import triage
+from fuzz.decode import decode
+from fuzz.findings import iter_findings
+from reference import model, shortcuts
+from reference.program import Program, parse_program
+
+PAGE_SHIFT = 12
+
+
+def _target():
+    return target_for(get_build("7.2", PAGE_SHIFT))
+
+
+def _results(program: Program, target, enabled: bool, monkeypatch) -> tuple:
+    monkeypatch.setattr(shortcuts, "ENABLED", enabled)
+    c = compare(program, target)
+    v = triage(c, target)
+    return (model.run(program, target.profile), [d.to_json() for d in c.divergences],
+            v.status, v.divergence, v.new, tuple(k.id for k in v.known), v.quirks, v.next_quirks)
+
+
+def _same_both_ways(program: Program, target, monkeypatch) -> tuple:
+    long_way = _results(program, target, False, monkeypatch)
+    short = _results(program, target, True, monkeypatch)
+    assert short == long_way, program.text()
+    return short
+
+
+SEEDS = sorted((REPO / "corpus" / "seeds").iterdir())
+FINDINGS = [p for p in iter_findings(REPO / "corpus" / "crashes")
+            if parse_program((p / "program.txt").read_text()).header.page_shift == PAGE_SHIFT]
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda p: p.name)
+def test_seed_same_with_and_without_shortcuts(seed: Path, monkeypatch):
+    _same_both_ways(decode(seed.read_bytes(), PAGE_SHIFT), _target(), monkeypatch)
+
+
+def test_findings_same_with_and_without_shortcuts(monkeypatch):
+    """Programs that diverge (known findings, planted-free kernels): the
+    verdicts, divergences and credited findings do not move."""
+    assert FINDINGS
+    statuses = {_same_both_ways(parse_program((p / "program.txt").read_text()), _target(), monkeypatch)[2]
+                for p in FINDINGS}
+    assert statuses - {"pass"}  # the sample has divergences to keep
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=8, max_size=512))
+def test_fuzz_inputs_same_with_and_without_shortcuts(data: bytes, monkeypatch):
+    _same_both_ways(decode(data, PAGE_SHIFT), _target(), monkeypatch)
