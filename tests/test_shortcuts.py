@@ -12,13 +12,14 @@ from conftest import REPO, get_build
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conformance.bench import fixed_program
 from conformance.compare.diff import compare
 from conformance.compare.target import target_for
 from conformance.compare.triage import triage
 from fuzz.decode import decode
 from fuzz.findings import iter_findings
 from reference import model, shortcuts
-from reference.program import Program, parse_program
+from reference.program import Op, Program, Step, parse_program
 
 PAGE_SHIFT = 12
 
@@ -65,3 +66,36 @@ def test_findings_same_with_and_without_shortcuts(monkeypatch):
 @given(data=st.binary(min_size=8, max_size=512))
 def test_fuzz_inputs_same_with_and_without_shortcuts(data: bytes, monkeypatch):
     _same_both_ways(decode(data, PAGE_SHIFT), _target(), monkeypatch)
+
+
+def _native_views(calls: list[tuple], enabled: bool, monkeypatch) -> list:
+    """The kernel's outcomes of ``calls`` run in turn in one child process
+    (each program's reset is what the native shortcut changes), as compared."""
+    from conftest import run_in_child
+
+    from conformance.compare.diff import _view
+
+    monkeypatch.setenv("KHO_CONFORM_SHORTCUTS", "1" if enabled else "0")  # read once by the native runtime
+    return [(_view(o), o.image) for o in run_in_child("7.2", PAGE_SHIFT, calls)]
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(inputs=st.lists(st.binary(min_size=8, max_size=512), min_size=10, max_size=30))
+def test_native_reset_same_with_and_without_shortcuts(inputs: list[bytes], monkeypatch):
+    """The runtime zeroes what a program used with memset instead of handing
+    it back to the system: the next programs and restores, large and small,
+    see the same memory."""
+    # A program that leaves many arena pages written, then one that reads
+    # them back unallocated (pokes raise the high-water mark): stale bytes
+    # would show in its image.
+    big = fixed_program(256, PAGE_SHIFT)
+    pokes = Program(big.header, tuple(Step(Op.POKE_ARENA, i, 0, 1) for i in range(1, 300)) + (Step(Op.KEXEC),))
+    programs = [big, pokes] + [decode(p.read_bytes(), PAGE_SHIFT) for p in SEEDS] + [decode(d, PAGE_SHIFT) for d in inputs]
+    calls: list[tuple] = []
+    for program in programs:
+        calls.append(("run", program))
+        k = program.kexec_index()
+        image = model.run(program, _target().profile).image
+        if k is not None and image is not None:
+            calls.append(("restore", image, program.header, program.steps[k + 1 :]))
+    assert _native_views(calls, True, monkeypatch) == _native_views(calls, False, monkeypatch)
