@@ -81,8 +81,6 @@ OK = OpResult()
 UNSUPPORTED = OpResult(-EOPNOTSUPP)
 NOT_RUN_RESULT = OpResult(NOT_RUN)
 NULL = -1  # restore ops: the kernel returned NULL
-# Quirks under which a page range is walked otherwise than block by block in the key domain.
-WALK_QUIRKS = frozenset({quirks.UNVALIDATED_DOMAIN, quirks.RANGE_INT_SHIFT})
 
 WARN_DEL_ABSENT = "radix-del-absent"
 WARN_BAD_MAGIC = "restore-bad-magic"
@@ -451,11 +449,13 @@ class OldKernel:
         return OpResult(warnings=(WARN_DEL_ABSENT,) * min(absent, WARN_CAP)) if absent else OK
 
     def _one_block(self, pfn: int, nr_pages: int, numa: str) -> int | None:
-        """Shortcut: the order of a range the walk visits as one block (no
-        quirk changing the walk), else None (walk it)."""
-        if not shortcuts.ENABLED or self.quirks & WALK_QUIRKS:
+        """Shortcut: the order of a range the walk visits as one block, else
+        None (walk it)."""
+        if not shortcuts.ENABLED:
             return None
-        return one_block(pfn, nr_pages, self.header, numa)
+        q = self.quirks
+        return one_block(pfn, nr_pages, self.header, numa, kernel=quirks.UNVALIDATED_DOMAIN in q,
+                         int_shift=quirks.RANGE_INT_SHIFT in q)
 
     def _unpreserve_pages(self, pfn: int, nr_pages: int) -> OpResult:
         numa = self._preserve_numa()

@@ -19,7 +19,8 @@ from conformance.compare.triage import triage
 from fuzz.decode import decode
 from fuzz.findings import iter_findings
 from reference import model, shortcuts
-from reference.program import Op, Program, Step, parse_program
+from reference.keys import NUMA_ENDPOINTS, NUMA_INSIDE, one_block, range_blocks
+from reference.program import Header, Op, Program, Step, parse_program
 
 PAGE_SHIFT = 12
 
@@ -99,3 +100,20 @@ def test_native_reset_same_with_and_without_shortcuts(inputs: list[bytes], monke
         if k is not None and image is not None:
             calls.append(("restore", image, program.header, program.steps[k + 1 :]))
     assert _native_views(calls, True, monkeypatch) == _native_views(calls, False, monkeypatch)
+
+
+@settings(max_examples=400, deadline=None)
+@given(pfn=st.one_of(st.integers(0, 1 << 20), st.integers(0, (1 << 64) - 1)),
+       log2=st.integers(0, 66), kernel=st.booleans(), int_shift=st.booleans(),
+       numa=st.sampled_from((NUMA_INSIDE, NUMA_ENDPOINTS)),
+       nodes=st.lists(st.tuples(st.integers(0, 1 << 21), st.integers(0, 3)), max_size=4))
+def test_one_block_is_the_walk(pfn, log2, kernel, int_shift, numa, nodes):
+    """Where one_block answers, the range walk visits exactly that block."""
+    header = Header(page_shift=PAGE_SHIFT, ram=((0, 1 << 20),), numa=tuple(sorted(nodes)) or ((0, 0),))
+    nr = 1 << log2
+    pfn &= ~(nr - 1)  # mostly aligned: the case it answers
+    order = one_block(pfn, nr, header, numa, kernel=kernel, int_shift=int_shift)
+    if order is None:
+        return
+    end = (pfn + nr) & ((1 << 64) - 1) if kernel else pfn + nr
+    assert list(range_blocks(pfn, end, header, numa, kernel=kernel, int_shift=int_shift)) == [(pfn, order)]
