@@ -138,6 +138,10 @@ def one_block(pfn: int, nr_pages: int, header: Header, numa: str = NUMA_INSIDE, 
     (``range_blocks``, the same flags; in the key domain unless ``kernel``)
     visits exactly one block, the whole range; None when it would visit
     another number of blocks or refuse the range (then walk it)."""
+    if nr_pages == 1:  # the common case (a vmalloc area's pages), answered first
+        if kernel:
+            return 0 if pfn < U64 else None
+        return 0 if pfn < 1 << (64 - header.page_shift) else None
     if nr_pages <= 0 or nr_pages & (nr_pages - 1) or pfn & (nr_pages - 1):
         return None
     order = nr_pages.bit_length() - 1
