@@ -94,7 +94,10 @@ class NativeKernel:
             return text[off : text.index(b"\0", off)].decode(errors="replace")
 
         boot_rc, boot_warn = 0, []
-        ops: list[list] = [[NOT_RUN, 0, 0, [], []] for _ in range(nsteps)]
+        # Per op, sparse: a program of 10^6 ops must not hold 10^6 lists.
+        answers: list[tuple[int, int, int] | None] = [None] * nsteps
+        warns: dict[int, list[str]] = {}
+        vmaps: dict[int, list[tuple[int, int]]] = {}
         events, event_ops, log, reports = [], [], [], []
         state = None
         kexec_at = 0 if foreign else None
@@ -103,9 +106,9 @@ class NativeKernel:
             if kind == Rec.BOOT:
                 boot_rc = _signed(a)
             elif kind == Rec.OP:
-                ops[op][:3] = [_signed(a), b, c]
+                answers[op] = (_signed(a), b, c)
             elif kind == Rec.WARN:
-                (boot_warn if op == OP_BOOT else ops[op][3]).append(string(a))
+                (boot_warn if op == OP_BOOT else warns.setdefault(op, [])).append(string(a))
             elif kind == Rec.LOG:
                 log.append(string(a))
             elif kind == Rec.EVENT:
@@ -130,8 +133,8 @@ class NativeKernel:
             elif kind == Rec.PHANTOM:
                 nxt["phantom"].append(a)
             elif kind == Rec.VMAP:
-                ops[op][4].append((a, b))
-        results = tuple(OpResult(rc, v, v2, tuple(w), tuple(p)) for rc, v, v2, w, p in ops)
+                vmaps.setdefault(op, []).append((a, b))
+        results = _op_results(answers, warns, vmaps)
         next_boot = None
         if kexec_at is not None and results[kexec_at].rc != -EOPNOTSUPP:
             accepted = results[kexec_at].rc == 0
@@ -171,14 +174,14 @@ class NativeKernel:
     def _old_state(self, header: Header, root_phys: int, fdt_phys: int, arena_hwm: int) -> dict:
         n = _ffi.new("unsigned long *")
         buf = self.lib.kc_snapshot_pages(n)
-        raw = bytes(_ffi.buffer(buf, n[0] * self.page_size)) if n[0] else b""
+        raw = memoryview(_ffi.buffer(buf, n[0] * self.page_size)) if n[0] else memoryview(b"")  # read in place
         ps = self.page_size
 
         def page(phys: int) -> bytes | None:
             index, off = divmod(phys - ARENA_BASE_PHYS, ps)
             if off or not 0 <= index < n[0]:
                 return None
-            return raw[index * ps : (index + 1) * ps]
+            return bytes(raw[index * ps : (index + 1) * ps])
 
         fdt_page = page(fdt_phys) or b""
         total = Fdt(fdt_page).totalsize() if len(fdt_page) >= 8 else 0
@@ -186,11 +189,28 @@ class NativeKernel:
         tree, node_pages = _canonical_tree(root_phys, page, self.page_shift)
         scratch = (page(ARENA_BASE_PHYS) or b"")[: 16 * len(header.scratch)]
         zero = bytes(ps)
-        other = {ARENA_BASE_PHYS + i * ps: raw[i * ps : (i + 1) * ps] for i in range(n[0])}
-        other = PageStore({p: words_from_bytes(data, ps) for p, data in other.items()
-                           if p not in node_pages and data != zero}, ps)
+        other = PageStore({ARENA_BASE_PHYS + i * ps: words_from_bytes(raw[i * ps : (i + 1) * ps], ps) for i in range(n[0])
+                           if ARENA_BASE_PHYS + i * ps not in node_pages and raw[i * ps : (i + 1) * ps] != zero}, ps)
         image = Image(self.page_shift, fdt_phys, fdt, ARENA_BASE_PHYS, scratch, node_pages, other, arena_hwm)
         return {"root_phys": root_phys, "tree": tree, "node_pages": node_pages, "fdt": fdt, "image": image}
+
+
+def _op_results(answers: list[tuple[int, int, int] | None], warns: dict[int, list[str]],
+                vmaps: dict[int, list[tuple[int, int]]]) -> tuple[OpResult, ...]:
+    """One OpResult per op (NOT_RUN where the op left no answer); equal plain
+    answers share one (immutable) object."""
+    shared: dict[tuple[int, int, int], OpResult] = {}
+    out = []
+    for i, answer in enumerate(answers):
+        rc, v, v2 = answer or (NOT_RUN, 0, 0)
+        if i in warns or i in vmaps:
+            out.append(OpResult(rc, v, v2, tuple(warns.get(i, ())), tuple(vmaps.get(i, ()))))
+            continue
+        r = shared.get((rc, v, v2))
+        if r is None:
+            r = shared[rc, v, v2] = OpResult(rc, v, v2)
+        out.append(r)
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=256)
