@@ -770,7 +770,7 @@ def handover(image: Image, header: Header, profile: Profile,
             visits = list(traverse(root, geo, page_reader(image), strict=True))
         except TreeError as e:
             return reject(str(e))
-        events = [e for v in visits for e in ((True, v.phys), *((False, v.base | b) for b in leaf_bits(v.words) if not v.level))]
+        events = [e for v in visits for e in ((True, v.phys), *(() if v.level else ((False, v.base | b) for b in leaf_bits(v.words))))]
     keys = [value for is_node, value in events if not is_node]
     node_pages = tuple(value for is_node, value in events if is_node)
     if not trusting:

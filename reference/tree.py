@@ -25,14 +25,16 @@ class TreeError(Exception):
     """A strict traversal found a tree the next kernel must refuse."""
 
 
-def leaf_bits(words: Mapping[int, int]) -> Iterator[int]:
+def leaf_bits(words: Mapping[int, int]) -> list[int]:
     """Set bits of a leaf bitmap, ascending."""
+    out = []
     for w in sorted(words):
-        v = words[w]
+        v, base = words[w], w << 6
         while v:
             low = v & -v
-            yield (w << 6) | (low.bit_length() - 1)
+            out.append(base | (low.bit_length() - 1))
             v ^= low
+    return out
 
 
 @dataclass(frozen=True)
