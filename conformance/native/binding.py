@@ -32,6 +32,11 @@ _ffi.cdef(cdef())
 _KHO_FRAME = re.compile(r"kexec_handover\.c:(\d+)")
 
 
+# The frequent record kinds as plain ints (compared once per record).
+_OP, _WALK, _MAGIC, _MEMBLOCK, _WALK_NODE = int(Rec.OP), int(Rec.WALK), int(Rec.MAGIC), int(Rec.MEMBLOCK), int(Rec.WALK_NODE)
+_MEMBLOCK_LISTS = {Memblock.RESERVE: "reserved", Memblock.NOINIT: "noinit", Memblock.SCRATCH: "scratch_marks"}
+
+
 def _signed(x: int) -> int:
     return x - (1 << 64) if x >> 63 else x
 
@@ -102,11 +107,22 @@ class NativeKernel:
         state = None
         kexec_at = 0 if foreign else None
         nxt = {"walk": [], "walk_nodes": [], "reserved": [], "noinit": [], "scratch_marks": [], "magic": [], "phantom": []}
-        for kind, op, a, b, c in records:
-            if kind == Rec.BOOT:
-                boot_rc = _signed(a)
-            elif kind == Rec.OP:
+        walk, walk_nodes, magic = nxt["walk"], nxt["walk_nodes"], nxt["magic"]
+        for kind, op, a, b, c in records:  # the kinds of every op and every preserved block first
+            if kind == _OP:
                 answers[op] = (_signed(a), b, c)
+            elif kind == _WALK:
+                walk.append((a, b))
+            elif kind == _MAGIC:
+                magic.append((a, b))
+            elif kind == _MEMBLOCK:
+                key = _MEMBLOCK_LISTS.get(c)
+                if key and kexec_at is not None:
+                    nxt[key].append((a, b))
+            elif kind == _WALK_NODE:
+                walk_nodes.append(a)
+            elif kind == Rec.BOOT:
+                boot_rc = _signed(a)
             elif kind == Rec.WARN:
                 (boot_warn if op == OP_BOOT else warns.setdefault(op, [])).append(string(a))
             elif kind == Rec.LOG:
@@ -120,16 +136,6 @@ class NativeKernel:
                 state = (a, b, c)
                 if kexec_at is None and op != OP_BOOT and op < nsteps:
                     kexec_at = op
-            elif kind == Rec.MEMBLOCK and kexec_at is not None:
-                key = {Memblock.RESERVE: "reserved", Memblock.NOINIT: "noinit", Memblock.SCRATCH: "scratch_marks"}.get(c)
-                if key:
-                    nxt[key].append((a, b))
-            elif kind == Rec.WALK:
-                nxt["walk"].append((a, b))
-            elif kind == Rec.WALK_NODE:
-                nxt["walk_nodes"].append(a)
-            elif kind == Rec.MAGIC:
-                nxt["magic"].append((a, b))
             elif kind == Rec.PHANTOM:
                 nxt["phantom"].append(a)
             elif kind == Rec.VMAP:
