@@ -31,6 +31,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 from . import quirks, shortcuts
 from .arena import Arena, Words, set_word
@@ -145,6 +146,41 @@ class Snapshot:
     image: Image | None = None
 
 
+# Every program boots alike: the boot's FDT edits are pure functions of
+# their arguments (and of the FDT they edit), kept once made (shortcut).
+@lru_cache(maxsize=64)
+def _root_fdt_made(page_size: int, compatible: str, root: int) -> tuple[bytes, bool]:
+    fdt = kho_root_fdt(page_size, compatible, root)
+    return bytes(fdt.buf), fdt.out_of_bounds
+
+
+@lru_cache(maxsize=64)
+def _metadata_added(buf: bytes, out_of_bounds: bool, page_size: int, meta: int) -> tuple[int, bytes, bool]:
+    fdt = Fdt(bytearray(buf))
+    fdt.out_of_bounds = out_of_bounds
+    rc = kho_add_subtree(fdt, page_size, METADATA_NAME, meta, len(METADATA))
+    return rc, bytes(fdt.buf), fdt.out_of_bounds
+
+
+def _root_fdt(page_size: int, compatible: str, root: int) -> Fdt:
+    if not shortcuts.ENABLED:
+        return kho_root_fdt(page_size, compatible, root)
+    buf, out_of_bounds = _root_fdt_made(page_size, compatible, root)
+    fdt = Fdt(bytearray(buf))
+    fdt.out_of_bounds = out_of_bounds
+    return fdt
+
+
+def _add_metadata(fdt: Fdt, page_size: int, meta: int) -> int:
+    """The metadata subtree added to the boot FDT, in place (its buffer is
+    the arena page's)."""
+    if not shortcuts.ENABLED:
+        return kho_add_subtree(fdt, page_size, METADATA_NAME, meta, len(METADATA))
+    rc, buf, fdt.out_of_bounds = _metadata_added(bytes(fdt.buf), fdt.out_of_bounds, page_size, meta)
+    fdt.buf[:] = buf
+    return rc
+
+
 class OldKernel:
     def __init__(self, header: Header, profile: Profile, quirks: frozenset[str] = frozenset()) -> None:
         self.header = header
@@ -175,15 +211,13 @@ class OldKernel:
         rc = tree.add(pfn_key(fdt_phys >> P, 0, P))
         if rc:
             return OpResult(rc)
-        fdt = kho_root_fdt(self.geo.page_size, self.profile.compatible, root)
+        fdt = _root_fdt(self.geo.page_size, self.profile.compatible, root)
         self.arena.set_bytes(fdt_phys, fdt.buf)
         meta = self.arena.alloc()
         if meta is None:
             return OpResult(-ENOMEM)
         self.arena.set_content(meta, METADATA)
-        rc = tree.add(pfn_key(meta >> P, 0, P)) or kho_add_subtree(
-            fdt, self.geo.page_size, METADATA_NAME, meta, len(METADATA)
-        )
+        rc = tree.add(pfn_key(meta >> P, 0, P)) or _add_metadata(fdt, self.geo.page_size, meta)
         if rc:
             return OpResult(rc)
         self.tree, self.fdt, self.fdt_phys, self.enabled = tree, fdt, fdt_phys, True
