@@ -82,6 +82,10 @@ OK = OpResult()
 UNSUPPORTED = OpResult(-EOPNOTSUPP)
 NOT_RUN_RESULT = OpResult(NOT_RUN)
 NULL = -1  # restore ops: the kernel returned NULL
+# The quirks that change how the old kernel walks a page range: NUMA
+# checks, and range_blocks' flags.
+_NUMA_QUIRK = quirks.NUMA_ENDPOINT_CHECK
+_WALK_QUIRKS = {"kernel": quirks.UNVALIDATED_DOMAIN, "int_shift": quirks.RANGE_INT_SHIFT}
 
 WARN_DEL_ABSENT = "radix-del-absent"
 WARN_BAD_MAGIC = "restore-bad-magic"
@@ -196,6 +200,9 @@ class OldKernel:
         self.folio_orders: dict[int, int] = {}  # phys -> order of alloc_preserve's live folios
         # New-kernel ops run here see a kernel that received no handover.
         self.no_handover = NextKernel(header, profile, accepted=False, magic={}, fdt=None, booted=False, quirks=quirks)
+        # How this kernel walks page ranges (its quirks are fixed): read once per op.
+        self._numa = NUMA_ENDPOINTS if _NUMA_QUIRK in quirks else NUMA_INSIDE
+        self._walk = {flag: q in quirks for flag, q in _WALK_QUIRKS.items()}
 
     def boot(self) -> OpResult:
         """KHO init. On failure KHO stays disabled; what was allocated no
@@ -439,7 +446,7 @@ class OldKernel:
         return self.tree.add(key)
 
     def _preserve_numa(self) -> str:
-        return NUMA_ENDPOINTS if quirks.NUMA_ENDPOINT_CHECK in self.quirks else NUMA_INSIDE
+        return self._numa
 
     def _range_blocks(self, pfn: int, nr_pages: int, numa: str) -> Iterator[tuple[int, int]] | OpResult:
         """The blocks of a page range, walked as the kernel walks them (one at
@@ -487,9 +494,7 @@ class OldKernel:
         None (walk it)."""
         if not shortcuts.ENABLED:
             return None
-        q = self.quirks
-        return one_block(pfn, nr_pages, self.header, numa, kernel=quirks.UNVALIDATED_DOMAIN in q,
-                         int_shift=quirks.RANGE_INT_SHIFT in q)
+        return one_block(pfn, nr_pages, self.header, numa, **self._walk)
 
     def _unpreserve_pages(self, pfn: int, nr_pages: int) -> OpResult:
         numa = self._preserve_numa()
