@@ -39,6 +39,9 @@ class PageStore(Mapping[int, bytes]):
 
     __hash__ = None  # type: ignore[assignment]  # mutable, like a dict
 
+    def __repr__(self) -> str:  # the content, for digests and messages (not the object's address)
+        return f"PageStore({self._pages!r})"
+
     def words(self, phys: int) -> Words | None:
         return self._pages.get(phys)
 
