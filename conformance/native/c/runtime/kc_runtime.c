@@ -780,16 +780,20 @@ static void init_once(void)
 
 /* Memory a program used is zeroed with memset while it is small, so that
  * the next program finds it mapped (no page faults); larger spans go back
- * to the system. Either way the bytes read as zero afterwards. */
-#define KC_MEMSET_BYTES (8UL << 20)
+ * to the system. Either way the bytes read as zero afterwards. The arena
+ * below its high-water mark is dense (every page was allocated or
+ * written); the struct pages' span is sparse (a few pfns far apart), so
+ * only a short one is cheaper to memset than to drop. */
+#define KC_MEMSET_ARENA (8UL << 20)
+#define KC_MEMSET_MEMMAP (64UL << 10)
 
 /* Zero the whole OS pages of [p, p + len), as MADV_DONTNEED would. */
-static void zero_pages(void *p, unsigned long len)
+static void zero_pages(void *p, unsigned long len, unsigned long memset_below)
 {
 	unsigned long start = (unsigned long)p & ~4095UL;
 	unsigned long end = ((unsigned long)p + len + 4095) & ~4095UL;
 
-	if (shortcuts && end - start <= KC_MEMSET_BYTES)
+	if (shortcuts && end - start <= memset_below)
 		memset((void *)start, 0, end - start);
 	else
 		madvise((void *)start, end - start, MADV_DONTNEED);
@@ -802,7 +806,7 @@ static void forget_struct_pages(void)
 	if (memmap_hi > memmap_lo) {
 		unsigned long hi = memmap_hi < KC_MAX_RAM_PFN ? memmap_hi : KC_MAX_RAM_PFN;
 
-		zero_pages(memmap + memmap_lo, (hi - memmap_lo) * sizeof(struct page));
+		zero_pages(memmap + memmap_lo, (hi - memmap_lo) * sizeof(struct page), KC_MEMSET_MEMMAP);
 	}
 	memmap_lo = ~0UL;
 	memmap_hi = 0;
@@ -824,7 +828,7 @@ int kc_setup(const struct kc_header *h)
 	if (arena_mapped) {
 		unsigned long used = arena_hwm * PG_SIZE < arena_mapped ? arena_hwm * PG_SIZE : arena_mapped;
 
-		zero_pages(kc_arena_page(0), used);
+		zero_pages(kc_arena_page(0), used, KC_MEMSET_ARENA);
 		if (arena_mapped > used)
 			madvise(kc_arena_page(0) + used, arena_mapped - used, MADV_DONTNEED);
 	}
