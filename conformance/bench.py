@@ -172,7 +172,8 @@ class _TimedLib:
 _STAGES: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
     ("model: old kernel, handover, restores", (("reference/model.py", "run", "compare"),)),
     ("kernel: kc_run", (("conformance/bench.py", "kc_run", "run"),)),
-    ("binding: records to an Outcome", (("conformance/native/binding.py", "run", "compare"),)),
+    ("binding: records to an Outcome", (("conformance/native/binding.py", "run", "compare"),
+                                        ("conformance/native/binding.py", "run", "run"))),  # through Target.run
     ("state compared (views, fingerprints)", (("conformance/compare/diff.py", "_view", "compare"),
                                               ("reference/outcome.py", "fingerprint", "compare"),
                                               ("conformance/compare/diff.py", "_same", "compare"))),
