@@ -1,24 +1,40 @@
-"""``kho-conform bench``: speed and memory, printed, never asserted.
+"""``kho-conform bench``: speed and memory against the physical limit,
+printed (``--json`` for machines), never asserted.
 
-(a) the native kernel through the binding, (b) the model alone, (c) the full differential run
-(both, compared, handover checked both ways), (d) the atheris entry point with
-native coverage, on fixed programs of 16 and 256 ops; the ratio (c)/(a);
-time and peak memory of model and C for 10^5 and 10^6 scattered preserved
-pages (each measured in a fresh process, so peak RSS is its own); and (e) the
-median time ``kho-conform mutate`` takes to kill a mutant (build included),
-over an evenly spread sample of the mutants, one at a time.
+Each measurement is a function of a ``Bench`` context that prints its own
+table and returns what it measured (JSON-able); ``MEASUREMENTS`` lists them
+in the order they run, so another one is one more entry:
+
+- ``rates``: on fixed programs of 16 and 256 ops, the native ``kc_run``
+  alone (packed once, no record read back), the binding (a run to an
+  ``Outcome``), the model alone, the differential run (both, compared,
+  handover checked both ways), and the ratio differential / native;
+- ``breakdown``: where the differential run's time goes, by stage (cProfile
+  over the fixed programs);
+- ``harness``: the atheris entry point in the fuzz flavor in one libFuzzer
+  process (one core; every execution is a program compared: decoded, model,
+  kernel, diff, triage), and ``fuzz --jobs 1`` against ``--jobs 2``;
+- ``scattered``: time and peak memory of 10^5 and 10^6 scattered preserved
+  pages on each side, each in a fresh process, with the size of the tree;
+- ``mutation``: the median time ``kho-conform mutate`` takes to kill a
+  mutant (build included), over an evenly spread sample of the mutants, one
+  at a time;
+- ``targets``: the targets of the speed work, met or not.
 """
 
 from __future__ import annotations
 
+import cProfile
 import json
+import pstats
 import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from rich.console import Console
 from rich.table import Table
@@ -70,6 +86,32 @@ def scattered_program(n_pages: int, page_shift: int, seed: int = 2) -> Program:
     return Program(header, steps)
 
 
+FIXED_OPS = (16, 256)
+
+
+@dataclass
+class Bench:
+    """What every measurement gets: the kernel, how long to measure, where
+    to print."""
+
+    source: KernelSource
+    page_shift: int
+    quick: bool
+    console: Console
+    results: dict = field(default_factory=dict)  # the measurements so far, by name
+
+    @property
+    def seconds(self) -> float:
+        """Measuring time per rate."""
+        return 0.5 if self.quick else 2.0
+
+    def target(self):
+        from .compare.target import target_for
+        from .native.build import build
+
+        return target_for(build(self.source, self.page_shift))
+
+
 def _rate(fn: Callable[[], object], seconds: float) -> float:
     fn()  # warm: builds, caches
     n, start = 0, time.perf_counter()
@@ -77,6 +119,149 @@ def _rate(fn: Callable[[], object], seconds: float) -> float:
         fn()
         n += 1
     return n / (time.perf_counter() - start)
+
+
+def measure_rates(b: Bench) -> dict:
+    from cffi import FFI
+
+    from reference import model
+
+    from .compare.diff import compare
+    from .native.contract import pack_program
+
+    target = b.target()
+    lib, null = target.native.lib, FFI().NULL
+    out = {}
+    table = Table(title=f"programs per second, one process — {b.source.version} ps{b.page_shift}")
+    for col in ("ops", "native kc_run", "binding", "model", "differential", "differential / native"):
+        table.add_column(col, justify="right")
+    for n_ops in FIXED_OPS:
+        program = fixed_program(n_ops, b.page_shift)
+        blob = pack_program(program)
+        rates = {
+            "native": _rate(lambda: lib.kc_run(blob, len(blob), null, 0), b.seconds),
+            "binding": _rate(lambda: target.native.run(program), b.seconds),
+            "model": _rate(lambda: model.run(program, target.profile), b.seconds),
+            "differential": _rate(lambda: compare(program, target), b.seconds),
+        }
+        rates["differential_over_native"] = rates["differential"] / rates["native"]
+        out[str(n_ops)] = rates
+        table.add_row(str(n_ops), *(f"{rates[k]:,.0f}" for k in ("native", "binding", "model", "differential")),
+                      f"1/{1 / rates['differential_over_native']:.1f}")
+    b.console.print(table)
+    return out
+
+
+class _TimedLib:
+    """The library with ``kc_run`` behind a Python function, so that the
+    profiler sees the time spent in the kernel's C code."""
+
+    def __init__(self, lib) -> None:
+        self._lib = lib
+
+    def __getattr__(self, name: str):
+        return getattr(self._lib, name)
+
+    def kc_run(self, *args):
+        return self._lib.kc_run(*args)
+
+
+# Stages of compare() by the functions that do them: (file, function[, caller]).
+# Names of every version of the code are listed, so that a run before and
+# after a change reads the same.
+_STAGES: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
+    ("model: old kernel, handover, restores", (("reference/model.py", "run", "compare"),)),
+    ("kernel: kc_run", (("conformance/bench.py", "kc_run", "run"),)),
+    ("binding: records to an Outcome", (("conformance/native/binding.py", "run", "compare"),
+                                        ("conformance/native/binding.py", "run", "run"))),  # through Target.run
+    ("state compared (views, fingerprints)", (("conformance/compare/diff.py", "_view", "compare"),
+                                              ("reference/outcome.py", "fingerprint", "compare"),
+                                              ("conformance/compare/diff.py", "_same", "compare"))),
+    ("field-by-field diff (on a mismatch)", (("conformance/compare/diff.py", "_diff", "compare"),)),
+    ("cross handover: model on the C image", (("reference/model.py", "restore", "_cross_handover"),)),
+    ("cross handover: C on the model image", (("conformance/compare/diff.py", "restore", "_cross_handover"),)),
+    ("cross handover: rest", (("conformance/compare/diff.py", "_cross_handover", "compare"),)),
+)
+
+
+def _cumulative(stats: dict, file: str, function: str, caller: str | None = None) -> float:
+    """Cumulative seconds of ``function`` in ``file`` (called from ``caller``)."""
+    total = 0.0
+    for (path, _, name), (_, _, _, ct, callers) in stats.items():
+        if name != function or not path.endswith(file):
+            continue
+        if caller is None:
+            total += ct
+        else:
+            total += sum(c[3] for (_, _, cname), c in callers.items() if cname == caller)
+    return total
+
+
+def measure_breakdown(b: Bench) -> dict:
+    """Shares of the differential run's time by stage, under cProfile (which
+    slows Python more than C: the shares are what matters)."""
+    from .compare.diff import compare
+
+    target = b.target()
+    target.native.lib = _TimedLib(target.native.lib)
+    out = {}
+    table = Table(title="where the differential run's time goes (cProfile, share of compare())")
+    table.add_column("stage")
+    for n_ops in FIXED_OPS:
+        table.add_column(f"{n_ops} ops", justify="right")
+    shares: dict[str, list[str]] = {}
+    for n_ops in FIXED_OPS:
+        program = fixed_program(n_ops, b.page_shift)
+        compare(program, target)
+        profile = cProfile.Profile()
+        n, start = 0, time.perf_counter()
+        profile.enable()
+        while time.perf_counter() - start < b.seconds:
+            compare(program, target)
+            n += 1
+        profile.disable()
+        stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+        total = _cumulative(stats, "conformance/compare/diff.py", "compare")
+        stages = {label: sum(_cumulative(stats, *key) for key in keys) for label, keys in _STAGES}
+        # nested stages: the binding's time includes kc_run, the cross handover's its two restores
+        stages["binding: records to an Outcome"] -= stages["kernel: kc_run"]
+        stages["cross handover: rest"] -= (stages["cross handover: model on the C image"]
+                                           + stages["cross handover: C on the model image"])
+        stages["rest of compare()"] = total - sum(stages.values())
+        out[str(n_ops)] = {"compares": n, "profiled_seconds": total,
+                           "shares": {k: v / total if total else 0.0 for k, v in stages.items()}}
+        for label, share in out[str(n_ops)]["shares"].items():
+            shares.setdefault(label, []).append(f"{100 * share:.0f}%")
+    for label, cells in shares.items():
+        table.add_row(label, *cells)
+    b.console.print(table)
+    return out
+
+
+def measure_harness(b: Bench) -> dict:
+    """The atheris entry point in the fuzz flavor: libFuzzer's own count in
+    one process (no fork: one core), then ``fuzz`` with 1 and 2 jobs."""
+    from fuzz.runner import run_entry, run_fuzz
+
+    seconds = 10 if b.quick else 30
+    with temp_dir(prefix="kho-bench-") as tmp:  # removed even if bench is killed
+        one = run_entry(b.source, b.page_shift, corpus_dir=tmp / "corpus", crashes_dir=tmp / "crashes", seconds=seconds)
+        jobs = {}
+        for n in (1, 2):
+            stats = run_fuzz(source=b.source, page_shift=b.page_shift, corpus_dir=tmp / f"corpus-{n}", jobs=n,
+                             seconds=seconds, crashes_dir=tmp / "crashes", live=False, return_on_interrupt=False)
+            jobs[str(n)] = {"execs": stats.execs, "seconds": stats.seconds, "exec_per_s": stats.mean_exec_per_s}
+    out = {"one_process": {"execs": one.execs, "seconds": one.seconds, "exec_per_s": one.exec_per_s},
+           "fuzz_jobs": jobs, "jobs_2_over_1": jobs["2"]["execs"] / jobs["1"]["execs"] if jobs["1"]["execs"] else 0.0}
+    table = Table(title=f"atheris entry point, fuzz flavor (native coverage, ASan+UBSan), {seconds} s each")
+    for col in ("run", "programs compared", "per second"):
+        table.add_column(col, justify="right")
+    table.add_row("one libFuzzer process", f"{one.execs:,}", f"{one.exec_per_s:,.0f}")
+    for n, r in jobs.items():
+        table.add_row(f"kho-conform fuzz --jobs {n}", f"{r['execs']:,}", f"{r['exec_per_s']:,.0f}")
+    b.console.print(table)
+    b.console.print(f"fuzz --jobs 2 / --jobs 1: {out['jobs_2_over_1']:.2f}x the programs", highlight=False)
+    return out
 
 
 # Run in a fresh interpreter so that its peak RSS belongs to one workload.
@@ -88,93 +273,126 @@ from conformance.compare.target import target_for
 from conformance.native.build import build
 from conformance.source import KernelSource
 which, n, ps, src = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
-program = scattered_program(n, ps)
 target = target_for(build(KernelSource.from_identity(src, Path(src["root"])), ps))
+program = scattered_program(n, ps)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 if which == "model":
     from reference.model import run
-    run(program, target.profile)
+    outcome = run(program, target.profile)
 else:
-    target.native.run(program)
+    outcome = target.native.run(program)
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_mib": base / 1024}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": seconds, "peak_mib": peak / 1024, "base_mib": base / 1024,
+                  "tree_pages": len(outcome.node_pages), "tree_mib": len(outcome.node_pages) * (1 << ps) / 2**20}))
 """
 
 
-def _measure(which: str, n: int, page_shift: int, source: KernelSource) -> dict:
+def _scattered_run(which: str, n: int, page_shift: int, source: KernelSource) -> dict:
     src = {**source.identity(), "root": str(source.root)}
     proc = subprocess.run([sys.executable, "-c", _WORKER, which, str(n), str(page_shift), json.dumps(src)],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode:
-        return {"seconds": float("nan"), "peak_mib": float("nan"), "error": proc.stderr.strip().splitlines()[-1:]}
+        return {"seconds": float("nan"), "peak_mib": float("nan"), "base_mib": float("nan"),
+                "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout)
 
 
-def _atheris_rate(source: KernelSource, page_shift: int, seconds: int) -> float:
-    """libFuzzer's own exec/s for the atheris entry point on the fuzz flavor,
-    from the seeds, in a scratch corpus (findings go to a scratch dir too)."""
-    from fuzz.runner import run_fuzz
+def measure_scattered(b: Bench) -> dict:
+    b.target()  # built here, not in the measuring processes
+    table = Table(title="scattered order-0 pages, then kexec (fresh process each; base: the program built)")
+    for col in ("pages", "side", "seconds", "peak MiB", "base MiB", "peak - base", "tree pages", "tree MiB"):
+        table.add_column(col, justify="right")
+    out = {}
+    for n in ((10**5,) if b.quick else (10**5, 10**6)):
+        out[str(n)] = {}
+        for side in ("model", "c"):
+            r = _scattered_run(side, n, b.page_shift, b.source)
+            out[str(n)][side] = r
+            table.add_row(f"{n:,}", side, f"{r['seconds']:.2f}", f"{r['peak_mib']:.0f}", f"{r['base_mib']:.0f}",
+                          f"{r['peak_mib'] - r['base_mib']:.0f}", f"{r.get('tree_pages', 0):,}", f"{r.get('tree_mib', 0.0):.0f}")
+    b.console.print(table)
+    return out
 
-    with temp_dir(prefix="kho-bench-") as tmp:  # removed even if bench is killed
-        stats = run_fuzz(source=source, page_shift=page_shift, corpus_dir=tmp / "corpus", jobs=1,
-                         seconds=seconds, crashes_dir=tmp / "crashes", live=False, return_on_interrupt=False)
-    return stats.mean_exec_per_s
 
-
-def _time_to_kill(source: KernelSource, page_shift: int, sample: int) -> dict:
+def measure_mutation(b: Bench) -> dict:
     """Run every n-th mutant of the reached functions, one job, in a scratch
     output directory; the median seconds from start to kill."""
     from .mutate import Settings, plan, run_mutation
 
-    settings = Settings(page_shift=page_shift, jobs=1)
+    sample = 8 if b.quick else 30
+    settings = Settings(page_shift=b.page_shift, jobs=1)
     with temp_dir(prefix="kho-bench-") as tmp:  # removed even if bench is killed
-        p = plan(source, settings, tmp)
+        p = plan(b.source, settings, tmp)
         p = replace(p, mutants=p.mutants[:: max(1, len(p.mutants) // sample)][:sample])
-        r = run_mutation(source, settings, tmp, p)
-    return {"mutants": len(r.mutants), **r.counts(), "median_kill_seconds": r.median_kill_seconds(), "seconds": r.seconds}
-
-
-def run_bench(source: KernelSource, page_shift: int, *, quick: bool, console: Console) -> dict:
-    from reference import model
-
-    from .compare.diff import compare
-    from .compare.target import target_for
-    from .native.build import build
-
-    target = target_for(build(source, page_shift))
-    seconds = 0.5 if quick else 2.0
-    results: dict = {"kernel": source.version, "page_shift": page_shift, "programs": {}}
-    table = Table(title=f"executions per second — {source.version} ps{page_shift}")
-    for col in ("ops", "(a) native", "(b) model", "(c) differential", "(c)/(a)"):
-        table.add_column(col, justify="right")
-    for n_ops in (16, 256):
-        program = fixed_program(n_ops, page_shift)
-        a = _rate(lambda: target.native.run(program), seconds)
-        b = _rate(lambda: model.run(program, target.profile), seconds)
-        c = _rate(lambda: compare(program, target), seconds)
-        results["programs"][n_ops] = {"native": a, "model": b, "differential": c, "ratio_c_over_a": c / a}
-        table.add_row(str(n_ops), f"{a:,.0f}", f"{b:,.0f}", f"{c:,.0f}", f"{c / a:.3f}")
-    console.print(table)
-
-    d = _atheris_rate(source, page_shift, seconds=10 if quick else 30)
-    results["atheris_exec_per_s"] = d
-    console.print(f"(d) atheris entry point, fuzz flavor (native coverage, ASan+UBSan): {d:,.0f} exec/s")
-
-    mem = Table(title="scattered preserved pages (fresh process each)")
-    for col in ("pages", "model s", "model peak MiB", "C s", "C peak MiB"):
-        mem.add_column(col, justify="right")
-    results["scattered"] = {}
-    for n in ((10**5,) if quick else (10**5, 10**6)):
-        m = _measure("model", n, page_shift, source)
-        c = _measure("c", n, page_shift, source)
-        results["scattered"][n] = {"model": m, "c": c}
-        mem.add_row(f"{n:,}", f"{m['seconds']:.2f}", f"{m['peak_mib']:.0f}", f"{c['seconds']:.2f}", f"{c['peak_mib']:.0f}")
-    console.print(mem)
-
-    k = results["mutation"] = _time_to_kill(source, page_shift, sample=8 if quick else 30)
+        r = run_mutation(b.source, settings, tmp, p)
+    k = {"mutants": len(r.mutants), **r.counts(), "median_kill_seconds": r.median_kill_seconds(), "seconds": r.seconds}
     median = "–" if k["median_kill_seconds"] is None else f"{k['median_kill_seconds']:.2f} s"
-    console.print(f"(e) mutate: median time to kill a mutant {median} ({k['killed']} killed, {k['survived']} survived, "
-                  f"{k['did-not-build']} did not build, {k['timed-out']} timed out of {k['mutants']} sampled; {k['seconds']:.0f} s)")
-    console.print_json(json.dumps(results))
-    return results
+    b.console.print(f"mutate: median time to kill a mutant {median} ({k['killed']} killed, {k['survived']} survived, "
+                    f"{k['did-not-build']} did not build, {k['timed-out']} timed out of {k['mutants']} sampled; "
+                    f"{k['seconds']:.0f} s)", highlight=False)
+    return k
+
+
+def _target_rows(results: dict) -> list[tuple[str, str, str, bool | None]]:
+    """(target, goal, measured, met) for what was measured."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+    for n_ops, r in results.get("rates", {}).items():
+        ratio = r["differential_over_native"]
+        rows.append((f"differential / native kc_run, {n_ops} ops", ">= 1/5", f"1/{1 / ratio:.1f}", ratio >= 0.2))
+    harness = results.get("harness")
+    if harness:
+        rate = harness["one_process"]["exec_per_s"]
+        rows.append(("atheris harness, fuzz flavor, one core", ">= 1,500/s", f"{rate:,.0f}/s", rate >= 1500))
+        scale = harness["jobs_2_over_1"]
+        rows.append(("fuzz --jobs 2 / --jobs 1", "close to 2x", f"{scale:.2f}x", scale >= 1.8))
+    big = results.get("scattered", {}).get(str(10**6))
+    if big:
+        for side, secs, mib in (("model", 3, 300), ("c", 1, 400)):
+            r = big[side]
+            rows.append((f"10^6 scattered pages, {side}: time", f"<= {secs} s", f"{r['seconds']:.2f} s", r["seconds"] <= secs))
+            rows.append((f"10^6 scattered pages, {side}: peak memory", f"<= {mib} MiB",
+                         f"{r['peak_mib']:.0f} MiB ({r['peak_mib'] - r['base_mib']:.0f} above the program)", r["peak_mib"] <= mib))
+    return rows
+
+
+def measure_targets(b: Bench) -> dict:
+    rows = _target_rows(b.results)
+    table = Table(title="targets")
+    for col in ("target", "goal", "measured", "met"):
+        table.add_column(col, justify="right" if col != "target" else "left")
+    for name, goal, got, met in rows:
+        table.add_row(name, goal, got, "yes" if met else "no")
+    b.console.print(table)
+    return {name: {"goal": goal, "measured": got, "met": met} for name, goal, got, met in rows}
+
+
+class Measurement(NamedTuple):
+    name: str  # its key in the results
+    run: Callable[[Bench], dict]
+
+
+MEASUREMENTS: tuple[Measurement, ...] = (
+    Measurement("rates", measure_rates),
+    Measurement("breakdown", measure_breakdown),
+    Measurement("harness", measure_harness),
+    Measurement("scattered", measure_scattered),
+    Measurement("mutation", measure_mutation),
+    Measurement("targets", measure_targets),
+)
+
+
+def run_bench(source: KernelSource, page_shift: int, *, quick: bool, console: Console, as_json: bool = False,
+              only: Collection[str] = ()) -> dict:
+    """Every measurement in turn (or those named in ``only``; the targets
+    always, of what was measured); with ``as_json`` the tables go to stderr
+    and stdout gets the results as one JSON document."""
+    b = Bench(source, page_shift, quick, Console(stderr=True) if as_json else console)
+    b.results.update(kernel=source.version, page_shift=page_shift, quick=quick)
+    for m in MEASUREMENTS:
+        if not only or m.name in only or m.name == "targets":
+            b.results[m.name] = m.run(b)
+    if as_json:
+        print(json.dumps(b.results, indent=1))
+    return b.results

@@ -354,7 +354,7 @@ def cmd_mutate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    run_bench(_source(args), args.page_shift, quick=args.quick, console=out)
+    run_bench(_source(args), args.page_shift, quick=args.quick, console=out, as_json=args.json, only=args.only or ())
     return 0
 
 
@@ -473,9 +473,14 @@ def parser() -> argparse.ArgumentParser:
     mu.add_argument("--list", action="store_true", help="only list the mutants")
     mu.set_defaults(fn=cmd_mutate)
 
-    be = sub.add_parser("bench", help="executions per second and memory of the native kernel, the model and the differential run")
+    from .bench import MEASUREMENTS
+
+    be = sub.add_parser("bench", help="speed and memory: native kernel, binding, model, differential run, fuzz harness, 10^6 pages")
     _kernel_args(be)
     be.add_argument("--quick", action="store_true", help="fewer iterations")
+    be.add_argument("--json", action="store_true", help="the results as JSON on stdout (tables on stderr)")
+    be.add_argument("--only", nargs="+", metavar="NAME", choices=[m.name for m in MEASUREMENTS if m.name != "targets"],
+                    help="only these measurements (default: all of %(choices)s)")
     be.set_defaults(fn=cmd_bench)
     return p
 

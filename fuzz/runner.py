@@ -190,6 +190,39 @@ def run_fuzz(source: KernelSource, page_shift: int = 12, *, corpus_dir: Path, jo
     return stats
 
 
+_FINAL = re.compile(r"^stat::(number_of_executed_units|average_exec_per_sec):\s+(\d+)")
+
+
+def run_entry(source: KernelSource, page_shift: int = 12, *, corpus_dir: Path, crashes_dir: Path, seconds: int,
+              flavor: str = "fuzz") -> FuzzStats:
+    """The entry point in one libFuzzer process (no fork: one core) for
+    ``seconds``, from the seeds: how many programs it compared, by
+    libFuzzer's own count. For measuring; ``run_fuzz`` is for fuzzing."""
+    corpus_dir, crashes_dir = Path(corpus_dir).resolve(), Path(crashes_dir).resolve()
+    _make_dirs({"CORPUS_DIR": corpus_dir, "--crashes": crashes_dir})
+    b = build(source, page_shift, flavor)
+    stats = FuzzStats()
+    with temp_dir(corpus_dir.parent, prefix=".run-") as tmp, temp_dir(crashes_dir, prefix=".saving-") as staging:
+        stats.started_from = _seed(corpus_dir, tmp) or _inputs(corpus_dir)
+        (tmp / "tmp").mkdir()
+        env = {**worker_env(save_bundle(b, tmp / "target"), flavor, crashes_dir, _launcher(tmp), staging),
+               "TMPDIR": str(tmp / "tmp")}
+        cmd = [sys.executable, str(ENTRY), f"-max_total_time={seconds}", f"-max_len={MAX_LEN}", "-print_final_stats=1",
+               f"-artifact_prefix={tmp}/", *([f"-dict={DICTIONARY}"] if DICTIONARY.exists() else []), str(corpus_dir)]
+        start = time.monotonic()
+        with supervised(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        errors="replace") as proc:
+            output, _ = proc.communicate()
+        stats.seconds = time.monotonic() - start
+    final = dict(m.groups() for line in output.splitlines() if (m := _FINAL.match(line)))
+    if "number_of_executed_units" not in final:
+        tail = " | ".join(output.strip().splitlines()[-3:])
+        raise KhoConformError(f"the fuzzer exited with status {proc.returncode} before its final stats: {tail}")
+    stats.execs = int(final["number_of_executed_units"])
+    stats.exec_per_s = float(final["average_exec_per_sec"])
+    return stats
+
+
 def _supervise(cmd: list[str], env: dict[str, str], work: Path, stats: FuzzStats, crashes_dir: Path,
                display: Live | None, label: str, return_on_interrupt: bool) -> tuple[int, list[str]]:
     """Run libFuzzer and follow its output into ``stats`` until it ends or

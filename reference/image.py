@@ -28,6 +28,20 @@ class PageStore(Mapping[int, bytes]):
     def __len__(self) -> int:
         return len(self._pages)
 
+    def __contains__(self, phys: object) -> bool:
+        return phys in self._pages
+
+    def __eq__(self, other: object) -> bool:
+        # Equal words are equal bytes (zero words are absent): no page is built.
+        if isinstance(other, PageStore) and other.page_size == self.page_size:
+            return self._pages == other._pages
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a dict
+
+    def __repr__(self) -> str:  # the content, for digests and messages (not the object's address)
+        return f"PageStore({self._pages!r})"
+
     def words(self, phys: int) -> Words | None:
         return self._pages.get(phys)
 

@@ -132,6 +132,33 @@ def range_blocks(start: int, end: int, header: Header, numa: str = NUMA_INSIDE, 
         pfn = (pfn + (x86_int_shift(order) if int_shift else 1 << order)) & U64
         if pfn in seen or len(seen) > RUNAWAY_BLOCKS:
             raise RunawayLoop(f"the range walk from {start:#x} never reaches {end:#x}")
+def one_block(pfn: int, nr_pages: int, header: Header, numa: str = NUMA_INSIDE, *, kernel: bool = False,
+              int_shift: bool = False) -> int | None:
+    """The order of the block when the range walk of [pfn, pfn + nr_pages)
+    (``range_blocks``, the same flags; in the key domain unless ``kernel``)
+    visits exactly one block, the whole range; None when it would visit
+    another number of blocks or refuse the range (then walk it)."""
+    if nr_pages == 1:  # the common case (a vmalloc area's pages), answered first
+        if kernel:
+            return 0 if pfn < U64 else None
+        return 0 if pfn < 1 << (64 - header.page_shift) else None
+    if nr_pages <= 0 or nr_pages & (nr_pages - 1) or pfn & (nr_pages - 1):
+        return None
+    order = nr_pages.bit_length() - 1
+    if kernel:
+        if (pfn + nr_pages) & U64 <= pfn or order > 64:  # a range that wraps is empty
+            return None
+    elif order > geometry(header.page_shift).max_order or not range_in_domain(pfn, nr_pages, header.page_shift):
+        return None
+    if int_shift and order >= 31:  # the walk would not step by the block's size
+        return None
+    if order and numa == NUMA_INSIDE and _fit_numa(header, pfn, order) != order:
+        return None
+    if order and numa == NUMA_ENDPOINTS and header.nid_of(pfn) != header.nid_of(pfn + nr_pages - 1):
+        return None
+    return order
+
+
 def _fit_numa(header: Header, pfn: int, order: int) -> int:
     nid = header.nid_of(pfn)
     while order and any(

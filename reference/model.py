@@ -31,8 +31,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
-from . import quirks
+from . import quirks, shortcuts
 from .arena import Arena, Words, set_word
 from .fdt import Fdt, kho_add_subtree, kho_remove_subtree, kho_root_fdt
 from .geometry import MAX_PAGE_ORDER, Geometry, geometry
@@ -46,6 +47,7 @@ from .keys import (
     in_domain,
     kernel_decode,
     kernel_key,
+    one_block,
     pfn_key,
     range_blocks,
     range_in_domain,
@@ -80,6 +82,10 @@ OK = OpResult()
 UNSUPPORTED = OpResult(-EOPNOTSUPP)
 NOT_RUN_RESULT = OpResult(NOT_RUN)
 NULL = -1  # restore ops: the kernel returned NULL
+# The quirks that change how the old kernel walks a page range: NUMA
+# checks, and range_blocks' flags.
+_NUMA_QUIRK = quirks.NUMA_ENDPOINT_CHECK
+_WALK_QUIRKS = {"kernel": quirks.UNVALIDATED_DOMAIN, "int_shift": quirks.RANGE_INT_SHIFT}
 
 WARN_DEL_ABSENT = "radix-del-absent"
 WARN_BAD_MAGIC = "restore-bad-magic"
@@ -144,6 +150,41 @@ class Snapshot:
     image: Image | None = None
 
 
+# Every program boots alike: the boot's FDT edits are pure functions of
+# their arguments (and of the FDT they edit), kept once made (shortcut).
+@lru_cache(maxsize=64)
+def _root_fdt_made(page_size: int, compatible: str, root: int) -> tuple[bytes, bool]:
+    fdt = kho_root_fdt(page_size, compatible, root)
+    return bytes(fdt.buf), fdt.out_of_bounds
+
+
+@lru_cache(maxsize=64)
+def _metadata_added(buf: bytes, out_of_bounds: bool, page_size: int, meta: int) -> tuple[int, bytes, bool]:
+    fdt = Fdt(bytearray(buf))
+    fdt.out_of_bounds = out_of_bounds
+    rc = kho_add_subtree(fdt, page_size, METADATA_NAME, meta, len(METADATA))
+    return rc, bytes(fdt.buf), fdt.out_of_bounds
+
+
+def _root_fdt(page_size: int, compatible: str, root: int) -> Fdt:
+    if not shortcuts.ENABLED:
+        return kho_root_fdt(page_size, compatible, root)
+    buf, out_of_bounds = _root_fdt_made(page_size, compatible, root)
+    fdt = Fdt(bytearray(buf))
+    fdt.out_of_bounds = out_of_bounds
+    return fdt
+
+
+def _add_metadata(fdt: Fdt, page_size: int, meta: int) -> int:
+    """The metadata subtree added to the boot FDT, in place (its buffer is
+    the arena page's)."""
+    if not shortcuts.ENABLED:
+        return kho_add_subtree(fdt, page_size, METADATA_NAME, meta, len(METADATA))
+    rc, buf, fdt.out_of_bounds = _metadata_added(bytes(fdt.buf), fdt.out_of_bounds, page_size, meta)
+    fdt.buf[:] = buf
+    return rc
+
+
 class OldKernel:
     def __init__(self, header: Header, profile: Profile, quirks: frozenset[str] = frozenset()) -> None:
         self.header = header
@@ -159,6 +200,9 @@ class OldKernel:
         self.folio_orders: dict[int, int] = {}  # phys -> order of alloc_preserve's live folios
         # New-kernel ops run here see a kernel that received no handover.
         self.no_handover = NextKernel(header, profile, accepted=False, magic={}, fdt=None, booted=False, quirks=quirks)
+        # How this kernel walks page ranges (its quirks are fixed): read once per op.
+        self._numa = NUMA_ENDPOINTS if _NUMA_QUIRK in quirks else NUMA_INSIDE
+        self._walk = {flag: q in quirks for flag, q in _WALK_QUIRKS.items()}
 
     def boot(self) -> OpResult:
         """KHO init. On failure KHO stays disabled; what was allocated no
@@ -174,15 +218,13 @@ class OldKernel:
         rc = tree.add(pfn_key(fdt_phys >> P, 0, P))
         if rc:
             return OpResult(rc)
-        fdt = kho_root_fdt(self.geo.page_size, self.profile.compatible, root)
+        fdt = _root_fdt(self.geo.page_size, self.profile.compatible, root)
         self.arena.set_bytes(fdt_phys, fdt.buf)
         meta = self.arena.alloc()
         if meta is None:
             return OpResult(-ENOMEM)
         self.arena.set_content(meta, METADATA)
-        rc = tree.add(pfn_key(meta >> P, 0, P)) or kho_add_subtree(
-            fdt, self.geo.page_size, METADATA_NAME, meta, len(METADATA)
-        )
+        rc = tree.add(pfn_key(meta >> P, 0, P)) or _add_metadata(fdt, self.geo.page_size, meta)
         if rc:
             return OpResult(rc)
         self.tree, self.fdt, self.fdt_phys, self.enabled = tree, fdt, fdt_phys, True
@@ -211,8 +253,7 @@ class OldKernel:
         if op == Op.PRESERVE_PAGES:
             return self._preserve_pages(a, b)
         if op == Op.UNPRESERVE_PAGES:
-            blocks = self._range_blocks(a, b, self._preserve_numa())
-            return blocks if isinstance(blocks, OpResult) else self._delete([self._block_key(*k) for k in blocks])
+            return self._unpreserve_pages(a, b)
         if op in (Op.RADIX_ADD_KEY, Op.RADIX_DEL_KEY):
             if not self.profile.key_api:
                 return UNSUPPORTED
@@ -373,12 +414,12 @@ class OldKernel:
         chunk = desc.first
         while chunk:
             words = self._chunk(chunk)
-            warnings += self._apply(Step(Op.UNPRESERVE_PAGES, chunk >> P, 1)).warnings
+            warnings += self._unpreserve_pages(chunk >> P, 1).warnings
             for i in range(chunk_capacity(self.geo.page_size)):
                 phys = words.get(1 + i, 0)
                 if not phys:
                     break
-                warnings += self._apply(Step(Op.UNPRESERVE_PAGES, phys >> P, 1 << desc.order)).warnings
+                warnings += self._unpreserve_pages(phys >> P, 1 << desc.order).warnings
             following = words.get(CHUNK_NEXT_WORD, 0)
             self.arena.free(chunk)
             chunk = following
@@ -405,7 +446,7 @@ class OldKernel:
         return self.tree.add(key)
 
     def _preserve_numa(self) -> str:
-        return NUMA_ENDPOINTS if quirks.NUMA_ENDPOINT_CHECK in self.quirks else NUMA_INSIDE
+        return self._numa
 
     def _range_blocks(self, pfn: int, nr_pages: int, numa: str) -> Iterator[tuple[int, int]] | OpResult:
         """The blocks of a page range, walked as the kernel walks them (one at
@@ -448,6 +489,21 @@ class OldKernel:
         absent = sum(not self.tree.delete(k) for k in keys)
         return OpResult(warnings=(WARN_DEL_ABSENT,) * min(absent, WARN_CAP)) if absent else OK
 
+    def _one_block(self, pfn: int, nr_pages: int, numa: str) -> int | None:
+        """Shortcut: the order of a range the walk visits as one block, else
+        None (walk it)."""
+        if not shortcuts.ENABLED:
+            return None
+        return one_block(pfn, nr_pages, self.header, numa, **self._walk)
+
+    def _unpreserve_pages(self, pfn: int, nr_pages: int) -> OpResult:
+        numa = self._preserve_numa()
+        order = self._one_block(pfn, nr_pages, numa)
+        if order is not None:
+            return self._delete([self._block_key(pfn, order)])
+        blocks = self._range_blocks(pfn, nr_pages, numa)
+        return blocks if isinstance(blocks, OpResult) else self._delete([self._block_key(*k) for k in blocks])
+
     def _preserve_pages(self, pfn: int, nr_pages: int) -> OpResult:
         """Add every block; on failure remove the keys this call set (keys
         that were already present stay) and return the error. Quirk
@@ -455,6 +511,10 @@ class OldKernel:
         failing one, recomputed for the range that ends there."""
         assert self.tree is not None
         numa = self._preserve_numa()
+        order = self._one_block(pfn, nr_pages, numa)
+        if order is not None:  # one block: nothing of this call to roll back
+            rc = self._add(self._block_key(pfn, order))
+            return OpResult(rc) if rc else OK
         blocks = self._range_blocks(pfn, nr_pages, numa)
         if isinstance(blocks, OpResult):
             return blocks
@@ -749,7 +809,7 @@ def handover(image: Image, header: Header, profile: Profile,
             visits = list(traverse(root, geo, page_reader(image), strict=True))
         except TreeError as e:
             return reject(str(e))
-        events = [e for v in visits for e in ((True, v.phys), *((False, v.base | b) for b in leaf_bits(v.words) if not v.level))]
+        events = [e for v in visits for e in ((True, v.phys), *(() if v.level else ((False, v.base | b) for b in leaf_bits(v.words))))]
     keys = [value for is_node, value in events if not is_node]
     node_pages = tuple(value for is_node, value in events if is_node)
     if not trusting:

@@ -13,8 +13,6 @@ Op result conventions (``OpResult.rc``):
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 
 # Loop steps of kernel code past which the kernel may not finish within the
@@ -158,8 +156,3 @@ class Outcome:
             return x
 
         return enc(asdict(self))
-
-
-def fingerprint(parts: object) -> str:
-    """A cheap, stable digest used to compare outcomes before any full diff."""
-    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=repr).encode(), digest_size=16).hexdigest()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+from . import shortcuts
 from .arena import Arena
 from .geometry import Geometry
 from .keys import RunawayLoop
@@ -24,14 +25,16 @@ class TreeError(Exception):
     """A strict traversal found a tree the next kernel must refuse."""
 
 
-def leaf_bits(words: Mapping[int, int]) -> Iterator[int]:
+def leaf_bits(words: Mapping[int, int]) -> list[int]:
     """Set bits of a leaf bitmap, ascending."""
+    out = []
     for w in sorted(words):
-        v = words[w]
+        v, base = words[w], w << 6
         while v:
             low = v & -v
-            yield (w << 6) | (low.bit_length() - 1)
+            out.append(base | (low.bit_length() - 1))
             v ^= low
+    return out
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,11 @@ class RadixTree:
         self._shifts = tuple(geo.shift(lv) for lv in range(geo.root_level, 0, -1))
         self._slot_mask = (1 << geo.table_log2) - 1
         self._bit_mask = (1 << geo.bitmap_log2) - 1
+        self._leaf_shift = geo.bitmap_log2
+        # Leaves by key >> bitmap_log2 (shortcut): a path, once complete, never
+        # changes while the old kernel runs (nodes are never freed, pokes apply
+        # at kexec, a failed add unlinks only a chain it made, which had no leaf).
+        self._leaves: dict[int, dict[int, int]] = {}
 
     def _node(self, phys: int) -> dict[int, int]:
         words = self.arena.words(phys)
@@ -96,12 +104,17 @@ class RadixTree:
 
     def _leaf(self, key: int) -> dict[int, int] | None:
         """The leaf holding key, or None when a table on the path is empty."""
+        leaf = self._leaves.get(key >> self._leaf_shift)
+        if leaf is not None:
+            return leaf
         table = self._node(self.root)
         for shift in self._shifts:
             child = table.get((key >> shift) & self._slot_mask, 0)
             if not child:
                 return None
             table = self._node(child)
+        if shortcuts.ENABLED:
+            self._leaves[key >> self._leaf_shift] = table
         return table
 
     def contains(self, key: int) -> bool:
@@ -112,6 +125,11 @@ class RadixTree:
     def add(self, key: int) -> int:
         """Set key, creating missing nodes top-down. 0, or -ENOMEM with the
         tree and the free pages as they were (only the attempt count moved)."""
+        bit = key & self._bit_mask
+        leaf = self._leaves.get(key >> self._leaf_shift)
+        if leaf is not None:
+            leaf[bit >> 6] = leaf.get(bit >> 6, 0) | (1 << (bit & 63))
+            return 0
         table = self._node(self.root)
         fresh: list[int] = []
         first_link: tuple[dict[int, int], int] | None = None
@@ -131,7 +149,8 @@ class RadixTree:
                 fresh.append(child)
                 first_link = first_link or (table, slot)
             table = self._node(child)
-        bit = key & self._bit_mask
+        if shortcuts.ENABLED:
+            self._leaves[key >> self._leaf_shift] = table
         table[bit >> 6] = table.get(bit >> 6, 0) | (1 << (bit & 63))
         return 0
 

@@ -16,6 +16,7 @@ from cffi import FFI
 from reference.arena import words_from_bytes
 from reference.fdt import Fdt
 from reference.geometry import geometry
+from reference.image import PageStore
 from reference.outcome import EOPNOTSUPP, Image, NextBoot, OpResult, Outcome, SanitizerReport, TreeNode
 from reference.program import ARENA_BASE_PHYS, NOT_RUN, Header, Op, Program, Step
 from reference.tree import leaf_bits, traverse
@@ -29,6 +30,11 @@ from .sanitizer import symbolize
 _ffi = FFI()
 _ffi.cdef(cdef())
 _KHO_FRAME = re.compile(r"kexec_handover\.c:(\d+)")
+
+
+# The frequent record kinds as plain ints (compared once per record).
+_OP, _WALK, _MAGIC, _MEMBLOCK, _WALK_NODE = int(Rec.OP), int(Rec.WALK), int(Rec.MAGIC), int(Rec.MEMBLOCK), int(Rec.WALK_NODE)
+_MEMBLOCK_LISTS = {Memblock.RESERVE: "reserved", Memblock.NOINIT: "noinit", Memblock.SCRATCH: "scratch_marks"}
 
 
 def _signed(x: int) -> int:
@@ -93,18 +99,32 @@ class NativeKernel:
             return text[off : text.index(b"\0", off)].decode(errors="replace")
 
         boot_rc, boot_warn = 0, []
-        ops: list[list] = [[NOT_RUN, 0, 0, [], []] for _ in range(nsteps)]
+        # Per op, sparse: a program of 10^6 ops must not hold 10^6 lists.
+        answers: list[tuple[int, int, int] | None] = [None] * nsteps
+        warns: dict[int, list[str]] = {}
+        vmaps: dict[int, list[tuple[int, int]]] = {}
         events, event_ops, log, reports = [], [], [], []
         state = None
         kexec_at = 0 if foreign else None
         nxt = {"walk": [], "walk_nodes": [], "reserved": [], "noinit": [], "scratch_marks": [], "magic": [], "phantom": []}
-        for kind, op, a, b, c in records:
-            if kind == Rec.BOOT:
+        walk, walk_nodes, magic = nxt["walk"], nxt["walk_nodes"], nxt["magic"]
+        for kind, op, a, b, c in records:  # the kinds of every op and every preserved block first
+            if kind == _OP:
+                answers[op] = (_signed(a), b, c)
+            elif kind == _WALK:
+                walk.append((a, b))
+            elif kind == _MAGIC:
+                magic.append((a, b))
+            elif kind == _MEMBLOCK:
+                key = _MEMBLOCK_LISTS.get(c)
+                if key and kexec_at is not None:
+                    nxt[key].append((a, b))
+            elif kind == _WALK_NODE:
+                walk_nodes.append(a)
+            elif kind == Rec.BOOT:
                 boot_rc = _signed(a)
-            elif kind == Rec.OP:
-                ops[op][:3] = [_signed(a), b, c]
             elif kind == Rec.WARN:
-                (boot_warn if op == OP_BOOT else ops[op][3]).append(string(a))
+                (boot_warn if op == OP_BOOT else warns.setdefault(op, [])).append(string(a))
             elif kind == Rec.LOG:
                 log.append(string(a))
             elif kind == Rec.EVENT:
@@ -116,21 +136,11 @@ class NativeKernel:
                 state = (a, b, c)
                 if kexec_at is None and op != OP_BOOT and op < nsteps:
                     kexec_at = op
-            elif kind == Rec.MEMBLOCK and kexec_at is not None:
-                key = {Memblock.RESERVE: "reserved", Memblock.NOINIT: "noinit", Memblock.SCRATCH: "scratch_marks"}.get(c)
-                if key:
-                    nxt[key].append((a, b))
-            elif kind == Rec.WALK:
-                nxt["walk"].append((a, b))
-            elif kind == Rec.WALK_NODE:
-                nxt["walk_nodes"].append(a)
-            elif kind == Rec.MAGIC:
-                nxt["magic"].append((a, b))
             elif kind == Rec.PHANTOM:
                 nxt["phantom"].append(a)
             elif kind == Rec.VMAP:
-                ops[op][4].append((a, b))
-        results = tuple(OpResult(rc, v, v2, tuple(w), tuple(p)) for rc, v, v2, w, p in ops)
+                vmaps.setdefault(op, []).append((a, b))
+        results = _op_results(answers, warns, vmaps)
         next_boot = None
         if kexec_at is not None and results[kexec_at].rc != -EOPNOTSUPP:
             accepted = results[kexec_at].rc == 0
@@ -170,14 +180,14 @@ class NativeKernel:
     def _old_state(self, header: Header, root_phys: int, fdt_phys: int, arena_hwm: int) -> dict:
         n = _ffi.new("unsigned long *")
         buf = self.lib.kc_snapshot_pages(n)
-        raw = bytes(_ffi.buffer(buf, n[0] * self.page_size)) if n[0] else b""
+        raw = memoryview(_ffi.buffer(buf, n[0] * self.page_size)) if n[0] else memoryview(b"")  # read in place
         ps = self.page_size
 
         def page(phys: int) -> bytes | None:
             index, off = divmod(phys - ARENA_BASE_PHYS, ps)
             if off or not 0 <= index < n[0]:
                 return None
-            return raw[index * ps : (index + 1) * ps]
+            return bytes(raw[index * ps : (index + 1) * ps])
 
         fdt_page = page(fdt_phys) or b""
         total = Fdt(fdt_page).totalsize() if len(fdt_page) >= 8 else 0
@@ -185,10 +195,28 @@ class NativeKernel:
         tree, node_pages = _canonical_tree(root_phys, page, self.page_shift)
         scratch = (page(ARENA_BASE_PHYS) or b"")[: 16 * len(header.scratch)]
         zero = bytes(ps)
-        other = {ARENA_BASE_PHYS + i * ps: raw[i * ps : (i + 1) * ps] for i in range(n[0])}
-        other = {p: data for p, data in other.items() if p not in node_pages and data != zero}
+        other = PageStore({ARENA_BASE_PHYS + i * ps: words_from_bytes(raw[i * ps : (i + 1) * ps], ps) for i in range(n[0])
+                           if ARENA_BASE_PHYS + i * ps not in node_pages and raw[i * ps : (i + 1) * ps] != zero}, ps)
         image = Image(self.page_shift, fdt_phys, fdt, ARENA_BASE_PHYS, scratch, node_pages, other, arena_hwm)
         return {"root_phys": root_phys, "tree": tree, "node_pages": node_pages, "fdt": fdt, "image": image}
+
+
+def _op_results(answers: list[tuple[int, int, int] | None], warns: dict[int, list[str]],
+                vmaps: dict[int, list[tuple[int, int]]]) -> tuple[OpResult, ...]:
+    """One OpResult per op (NOT_RUN where the op left no answer); equal plain
+    answers share one (immutable) object."""
+    shared: dict[tuple[int, int, int], OpResult] = {}
+    out = []
+    for i, answer in enumerate(answers):
+        rc, v, v2 = answer or (NOT_RUN, 0, 0)
+        if i in warns or i in vmaps:
+            out.append(OpResult(rc, v, v2, tuple(warns.get(i, ())), tuple(vmaps.get(i, ()))))
+            continue
+        r = shared.get((rc, v, v2))
+        if r is None:
+            r = shared[rc, v, v2] = OpResult(rc, v, v2)
+        out.append(r)
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=256)
@@ -201,9 +229,10 @@ def _own_line_hash(path: str, line: int) -> str:
     return line_hash(lines[line - 1]) if 0 < line <= len(lines) else ""
 
 
-def _canonical_tree(root: int, page, page_shift: int) -> tuple[tuple[TreeNode, ...], dict[int, bytes]]:
+def _canonical_tree(root: int, page, page_shift: int) -> tuple[tuple[TreeNode, ...], PageStore]:
     """The C tree in canonical form, read with the same ABI traversal the
-    model uses (reference.tree), so both sides are named the same way."""
+    model uses (reference.tree), so both sides are named the same way; its
+    pages as words, like the model's."""
     ps = 1 << page_shift
     cache: dict[int, dict[int, int] | None] = {}
 
@@ -213,11 +242,11 @@ def _canonical_tree(root: int, page, page_shift: int) -> tuple[tuple[TreeNode, .
             cache[phys] = None if data is None else words_from_bytes(data, ps)
         return cache[phys]
 
-    nodes, raw = [], {}
+    nodes, pages = [], {}
     for v in traverse(root, geometry(page_shift), words, strict=False):
         nodes.append(TreeNode(v.path, v.level, v.phys, tuple(sorted(v.words)) if v.level else tuple(leaf_bits(v.words))))
-        raw[v.phys] = page(v.phys)
-    return tuple(nodes), raw
+        pages[v.phys] = v.words
+    return tuple(nodes), PageStore(pages, ps)
 
 
 @functools.lru_cache(maxsize=None)

@@ -42,6 +42,7 @@ from reference.program import (
     MAX_RAM_RANGES,
     MAX_SCRATCH,
     NOT_RUN,
+    OPERANDS,
     SLOTS,
     U64,
     VMALLOC_BYTES,
@@ -133,6 +134,9 @@ def _pairs(items: tuple[tuple[int, int], ...], n: int) -> list[int]:
     return flat + [0] * (2 * n - len(flat))
 
 
+_BOUNDED = frozenset(op for op, names in OPERANDS.items() if set(names) & BOUNDS.keys())  # ops with a bounded operand
+
+
 def pack_program(p: Program) -> bytes:
     """The binary form the driver's ``kc_run`` reads."""
     h = p.header
@@ -140,9 +144,10 @@ def pack_program(p: Program) -> bytes:
                        *_pairs(h.ram, MAX_RAM_RANGES), *_pairs(h.numa, MAX_NUMA_RANGES),
                        *_pairs(h.scratch, MAX_SCRATCH))]
     for s in p.steps:
-        for name, value in s.operands().items():
-            if name in BOUNDS and not 0 <= int(value) < BOUNDS[name]:
-                raise ProgramError(f"{s.text()}: {name} must be below {BOUNDS[name]}")
+        if s.op in _BOUNDED:
+            for name, value in s.operands().items():
+                if name in BOUNDS and not 0 <= int(value) < BOUNDS[name]:
+                    raise ProgramError(f"{s.text()}: {name} must be below {BOUNDS[name]}")
         area = s.op == Op.PRESERVE_VMALLOC and is_vm_area(h, s.b, s.c, s.d, s.e)
         out.append(STEP.pack(int(s.op), int(area), s.a & U64, s.b & U64, s.c & U64, s.d & U64, s.e & U64,
                              s.name.encode()))

@@ -44,6 +44,7 @@ static struct page *memmap; /* one struct page per pfn below KC_MAX_RAM_PFN */
 static unsigned long memmap_lo = ~0UL, memmap_hi; /* touched span, for reset */
 static struct kc_header hdr;
 static unsigned long arena_first_pfn, arena_mapped;
+static int shortcuts = 1; /* KHO_CONFORM_SHORTCUTS=0 in the environment: off */
 static unsigned char *arena_order;  /* per arena page: order + 1 at a block head, 0 free */
 static unsigned char *arena_used;
 static unsigned long arena_hint = 1;
@@ -804,6 +805,7 @@ static void init_once(void)
 		abort();
 	}
 	kc_page_offset = (unsigned long)direct_map;
+	shortcuts = !(getenv("KHO_CONFORM_SHORTCUTS") && !strcmp(getenv("KHO_CONFORM_SHORTCUTS"), "0"));
 	arena_order = calloc(KC_MAX_ARENA_PAGES, 1);
 	arena_used = calloc(KC_MAX_ARENA_PAGES, 1);
 	memset(&sa, 0, sizeof(sa));
@@ -815,15 +817,35 @@ static void init_once(void)
 	sigaction(SIGILL, &sa, &previous[SIGILL]);
 }
 
+/* Memory a program used is zeroed with memset while it is small, so that
+ * the next program finds it mapped (no page faults); larger spans go back
+ * to the system. Either way the bytes read as zero afterwards. The arena
+ * below its high-water mark is dense (every page was allocated or
+ * written); the struct pages' span is sparse (a few pfns far apart), so
+ * only a short one is cheaper to memset than to drop. */
+#define KC_MEMSET_ARENA (8UL << 20)
+#define KC_MEMSET_MEMMAP (64UL << 10)
+
+/* Zero the whole OS pages of [p, p + len), as MADV_DONTNEED would. */
+static void zero_pages(void *p, unsigned long len, unsigned long memset_below)
+{
+	unsigned long start = (unsigned long)p & ~4095UL;
+	unsigned long end = ((unsigned long)p + len + 4095) & ~4095UL;
+
+	if (shortcuts && end - start <= memset_below)
+		memset((void *)start, 0, end - start);
+	else
+		madvise((void *)start, end - start, MADV_DONTNEED);
+}
+
 /* A new kernel (or program) starts with fresh struct pages: drop the span
  * the last one touched. */
 static void forget_struct_pages(void)
 {
 	if (memmap_hi > memmap_lo) {
-		unsigned long lo = memmap_lo * sizeof(struct page) & ~4095UL;
 		unsigned long hi = memmap_hi < KC_MAX_RAM_PFN ? memmap_hi : KC_MAX_RAM_PFN;
 
-		madvise((char *)memmap + lo, hi * sizeof(struct page) - lo, MADV_DONTNEED);
+		zero_pages(memmap + memmap_lo, (hi - memmap_lo) * sizeof(struct page), KC_MEMSET_MEMMAP);
 	}
 	memmap_lo = ~0UL;
 	memmap_hi = 0;
@@ -839,10 +861,16 @@ int kc_setup(const struct kc_header *h)
 	if (h->page_shift != KC_PAGE_SHIFT || h->arena_pages < 2 || h->arena_pages > KC_MAX_ARENA_PAGES ||
 	    h->n_ram > KC_MAX_RAM_RANGES || h->n_numa > KC_MAX_NUMA_RANGES || h->n_scratch > KC_MAX_SCRATCH)
 		return -1;
-	/* Forget the previous program: every arena page (a poke may have written
-	 * above the allocator's high-water mark), touched struct pages. */
-	if (arena_mapped)
-		madvise(kc_arena_page(0), arena_mapped, MADV_DONTNEED);
+	/* Forget the previous program: every arena page (up to the high-water
+	 * mark, and above it: a wild write may have reached there), touched
+	 * struct pages. */
+	if (arena_mapped) {
+		unsigned long used = arena_hwm * PG_SIZE < arena_mapped ? arena_hwm * PG_SIZE : arena_mapped;
+
+		zero_pages(kc_arena_page(0), used, KC_MEMSET_ARENA);
+		if (arena_mapped > used)
+			madvise(kc_arena_page(0) + used, arena_mapped - used, MADV_DONTNEED);
+	}
 	high_used = 0;
 	forget_vm_areas();
 	memset(arena_order, 0, hdr.arena_pages ? hdr.arena_pages : KC_MAX_ARENA_PAGES);

@@ -1,0 +1,119 @@
+"""Every speed shortcut (reference/shortcuts.py) gives the same results as
+the long way: the model's outcome, the comparison's divergences and the
+triage verdict, over the seed corpus, the saved findings and a hypothesis
+sample of fuzzer inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, get_build
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conformance.bench import fixed_program
+from conformance.compare.diff import compare
+from conformance.compare.target import target_for
+from conformance.compare.triage import triage
+from fuzz.decode import decode
+from fuzz.findings import iter_findings
+from reference import model, shortcuts
+from reference.keys import NUMA_ENDPOINTS, NUMA_INSIDE, one_block, range_blocks
+from reference.program import Header, Op, Program, Step, parse_program
+
+PAGE_SHIFT = 12
+
+
+def _target():
+    return target_for(get_build("7.2", PAGE_SHIFT))
+
+
+def _results(program: Program, target, enabled: bool, monkeypatch) -> tuple:
+    monkeypatch.setattr(shortcuts, "ENABLED", enabled)
+    c = compare(program, target)
+    v = triage(c, target)
+    return (model.run(program, target.profile), [d.to_json() for d in c.divergences],
+            v.status, v.divergence, v.new, tuple(k.id for k in v.known), v.quirks, v.next_quirks)
+
+
+def _same_both_ways(program: Program, target, monkeypatch) -> tuple:
+    long_way = _results(program, target, False, monkeypatch)
+    short = _results(program, target, True, monkeypatch)
+    assert short == long_way, program.text()
+    return short
+
+
+SEEDS = sorted((REPO / "corpus" / "seeds").iterdir())
+FINDINGS = [p for p in iter_findings(REPO / "corpus" / "crashes")
+            if parse_program((p / "program.txt").read_text()).header.page_shift == PAGE_SHIFT]
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda p: p.name)
+def test_seed_same_with_and_without_shortcuts(seed: Path, monkeypatch):
+    _same_both_ways(decode(seed.read_bytes(), PAGE_SHIFT), _target(), monkeypatch)
+
+
+def test_findings_same_with_and_without_shortcuts(monkeypatch):
+    """Programs that diverge (known findings, planted-free kernels): the
+    verdicts, divergences and credited findings do not move."""
+    assert FINDINGS
+    statuses = {_same_both_ways(parse_program((p / "program.txt").read_text()), _target(), monkeypatch)[2]
+                for p in FINDINGS}
+    assert statuses - {"pass"}  # the sample has divergences to keep
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=8, max_size=512))
+def test_fuzz_inputs_same_with_and_without_shortcuts(data: bytes, monkeypatch):
+    _same_both_ways(decode(data, PAGE_SHIFT), _target(), monkeypatch)
+
+
+def _native_views(calls: list[tuple], enabled: bool, monkeypatch) -> list:
+    """The kernel's outcomes of ``calls`` run in turn in one child process
+    (each program's reset is what the native shortcut changes), as compared."""
+    from conftest import run_in_child
+
+    from conformance.compare.diff import _view
+
+    monkeypatch.setenv("KHO_CONFORM_SHORTCUTS", "1" if enabled else "0")  # read once by the native runtime
+    return [(_view(o), o.image) for o in run_in_child("7.2", PAGE_SHIFT, calls)]
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(inputs=st.lists(st.binary(min_size=8, max_size=512), min_size=10, max_size=30))
+def test_native_reset_same_with_and_without_shortcuts(inputs: list[bytes], monkeypatch):
+    """The runtime zeroes what a program used with memset instead of handing
+    it back to the system: the next programs and restores, large and small,
+    see the same memory."""
+    # A program that leaves many arena pages written, then one that reads
+    # them back unallocated (pokes raise the high-water mark): stale bytes
+    # would show in its image.
+    big = fixed_program(256, PAGE_SHIFT)
+    pokes = Program(big.header, tuple(Step(Op.POKE_ARENA, i, 0, 1) for i in range(1, 300)) + (Step(Op.KEXEC),))
+    programs = [big, pokes] + [decode(p.read_bytes(), PAGE_SHIFT) for p in SEEDS] + [decode(d, PAGE_SHIFT) for d in inputs]
+    calls: list[tuple] = []
+    for program in programs:
+        calls.append(("run", program))
+        k = program.kexec_index()
+        image = model.run(program, _target().profile).image
+        if k is not None and image is not None:
+            calls.append(("restore", image, program.header, program.steps[k + 1 :]))
+    assert _native_views(calls, True, monkeypatch) == _native_views(calls, False, monkeypatch)
+
+
+@settings(max_examples=400, deadline=None)
+@given(pfn=st.one_of(st.integers(0, 1 << 20), st.integers(0, (1 << 64) - 1)),
+       log2=st.integers(0, 66), kernel=st.booleans(), int_shift=st.booleans(),
+       numa=st.sampled_from((NUMA_INSIDE, NUMA_ENDPOINTS)),
+       nodes=st.lists(st.tuples(st.integers(0, 1 << 21), st.integers(0, 3)), max_size=4))
+def test_one_block_is_the_walk(pfn, log2, kernel, int_shift, numa, nodes):
+    """Where one_block answers, the range walk visits exactly that block."""
+    header = Header(page_shift=PAGE_SHIFT, ram=((0, 1 << 20),), numa=tuple(sorted(nodes)) or ((0, 0),))
+    nr = 1 << log2
+    pfn &= ~(nr - 1)  # mostly aligned: the case it answers
+    order = one_block(pfn, nr, header, numa, kernel=kernel, int_shift=int_shift)
+    if order is None:
+        return
+    end = (pfn + nr) & ((1 << 64) - 1) if kernel else pfn + nr
+    assert list(range_blocks(pfn, end, header, numa, kernel=kernel, int_shift=int_shift)) == [(pfn, order)]
