@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 # Loop steps of kernel code past which the kernel may not finish within the
-# harness's CPU budget (CPU_BUDGET_SECONDS per op): the outcome is the model's,
+# harness's CPU budget (native.contract.CPU_BUDGET_MS per op): the outcome is the model's,
 # or a timeout. Far below what the budget allows, so that an op that must
 # finish always does.
 SLOW_WORK = 1 << 20

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -272,3 +273,30 @@ def test_tree_pointer_beyond_the_direct_map_faults_instead_of_writing_host_memor
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not r["host_memory_written"], r
     assert r["events"] and "outside the arena" in r["events"][0], r
+
+
+_BUDGET_CHILD = """
+import json, sys
+from conformance.compare.target import target_for
+from conformance.native.build import build
+from conformance.source import fetch
+from reference.program import parse_program
+program = parse_program("page_shift 12\\nnuma 0x0 0\\n---\\npreserve_pages 0x123 0x10000000000\\n")
+outcome = target_for(build(fetch("7.2"), 12, sys.argv[1])).native.run(program)
+print(json.dumps([list(outcome.events), [r.rc for r in outcome.ops]]))
+"""
+
+
+@pytest.mark.parametrize("flavor,budget", [("plain", "1 s"), ("fuzz", "500 ms")])
+def test_each_flavor_has_its_cpu_budget(flavor, budget):
+    """A range of 2^40 pages outlasts any budget (scenario.range-2^40): the
+    event names the flavor's own (contract.CPU_BUDGET_MS); fuzzing trades it
+    for executions."""
+    from conformance.native.sanitizer import SANITIZER_ENV, sanitizer_preload
+
+    env = child_env() | ({**SANITIZER_ENV, "LD_PRELOAD": sanitizer_preload(flavor)} if flavor != "plain" else {})
+    proc = subprocess.run([sys.executable, "-c", _BUDGET_CHILD, flavor], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events, rcs = json.loads(proc.stdout)
+    assert events == [f"timeout: over {budget} of CPU in kernel code"], (events, rcs)

@@ -140,7 +140,7 @@ def _project_inputs_digest() -> str:
 
 
 def _flags(flavor: str) -> list[str]:
-    common = ["-std=gnu11", "-fPIC", "-g", "-fno-strict-aliasing", "-fno-common"]
+    common = ["-std=gnu11", "-fPIC", "-g", "-fno-strict-aliasing", "-fno-common", f"-DKC_BUDGET_MS=KC_BUDGET_MS_{flavor.upper()}"]
     if flavor == "plain":
         return [*common, "-O1"]
     if flavor == "coverage":

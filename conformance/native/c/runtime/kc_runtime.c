@@ -919,19 +919,14 @@ void kc_snapshot(void)
 	snapshot_pages = arena_hwm;
 }
 
-/* Sanitizer builds run the same kernel code several times slower. */
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define KC_BUDGET_SECONDS (KC_CPU_BUDGET_SECONDS * KC_SANITIZER_SLOWDOWN)
-#endif
-#endif
-#ifndef KC_BUDGET_SECONDS
-#define KC_BUDGET_SECONDS KC_CPU_BUDGET_SECONDS
+/* The build names its flavor's budget (contract.CPU_BUDGET_MS). */
+#ifndef KC_BUDGET_MS
+#define KC_BUDGET_MS KC_BUDGET_MS_PLAIN
 #endif
 
 void kc_op_budget(void)
 {
-	struct itimerval budget = { { 0, 0 }, { KC_BUDGET_SECONDS, 0 } };
+	struct itimerval budget = { { 0, 0 }, { KC_BUDGET_MS / 1000, KC_BUDGET_MS % 1000 * 1000 } };
 
 	if (protecting)
 		setitimer(ITIMER_VIRTUAL, &budget, NULL);
@@ -945,7 +940,10 @@ int kc_protected(void (*fn)(void *), void *arg)
 		protecting = 0;
 		setitimer(ITIMER_VIRTUAL, &off, NULL);
 		if (fault_signal == SIGVTALRM)
-			kc_record(KC_REC_EVENT, kc_text("timeout: over %d s of CPU in kernel code", KC_BUDGET_SECONDS), 0, 0);
+			kc_record(KC_REC_EVENT,
+				  KC_BUDGET_MS % 1000 ? kc_text("timeout: over %d ms of CPU in kernel code", KC_BUDGET_MS)
+						      : kc_text("timeout: over %d s of CPU in kernel code", KC_BUDGET_MS / 1000),
+				  0, 0);
 		else if (fault_signal)
 			kc_record(KC_REC_EVENT,
 				  kc_text("fault: %s at %#llx (phys %#llx), outside the arena, in %s", strsignal(fault_signal),
