@@ -43,7 +43,6 @@ TOTAL = 100_000
 FIRST_MARK = 10_000
 POOL = 250
 RSS_GROWTH_BOUND = 2 << 20
-TIME_BUDGET = 60.0
 SERIES, PAGE_SHIFT = "7.3", 12
 OUTSIDE = 0x10_0000_0000  # unbacked, inside the direct map: a contained fault
 
@@ -234,7 +233,6 @@ def test_100k_programs_no_leak_no_carry_over():
     assert r["reference_identical"]
     assert r["mismatches"] == []
     assert r["rss_at_end"] - r["rss_at_mark"] < RSS_GROWTH_BOUND
-    assert r["seconds"] < TIME_BUDGET
     # the first pass really did mix these
     kinds = r["pool"]
     assert kinds["events"] > 0 and kinds["boot_failed"] > 0 and kinds["enomem_ops"] > 0 and kinds["handovers"] > POOL // 4
