@@ -621,15 +621,6 @@ void kc_free_vm_area(struct vm_struct *area)
  * PROT_NONE page: a kernel that writes past it faults, and the fault is
  * contained, instead of corrupting the host's heap.
  */
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define KC_HAS_ASAN 1
-#endif
-#endif
-#if defined(__SANITIZE_ADDRESS__) && !defined(KC_HAS_ASAN)
-#define KC_HAS_ASAN 1
-#endif
-
 #define KC_HOST_PAGE 4096UL
 
 void *kc_kvmalloc_array(unsigned long n, unsigned long size)
@@ -639,7 +630,7 @@ void *kc_kvmalloc_array(unsigned long n, unsigned long size)
 	if (size && n > (~0UL - 4 * KC_HOST_PAGE) / size)
 		return NULL;
 	bytes = n * size + sizeof(*p) * 2;
-#ifdef KC_HAS_ASAN
+#ifdef KC_ASAN
 	p = calloc(1, bytes);
 	if (!p)
 		return NULL;
@@ -667,7 +658,7 @@ void kc_kvfree(const void *p)
 
 	if (!p)
 		return;
-#ifdef KC_HAS_ASAN
+#ifdef KC_ASAN
 	free(head);
 #else
 	munmap((void *)((unsigned long)head & ~(KC_HOST_PAGE - 1)), head[1]);

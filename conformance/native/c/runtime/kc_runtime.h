@@ -11,6 +11,16 @@
 
 #include "kc_contract.h"
 
+/* Built with AddressSanitizer (clang says so by feature, gcc by macro). */
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KC_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) && !defined(KC_ASAN)
+#define KC_ASAN 1
+#endif
+
 /* The kernel's struct page, reduced to what KHO touches. */
 struct page {
 	unsigned long flags;

@@ -139,12 +139,6 @@ KC_HIDDEN void __ubsan_handle_builtin_unreachable(struct kc_ubsan_location *d)
 	kc_bug("__builtin_unreachable", (int)d->line, "unreachable code reached");
 }
 
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define KC_ASAN 1
-#endif
-#endif
-
 #ifdef KC_ASAN
 void __asan_set_error_report_callback(void (*callback)(const char *));
 
