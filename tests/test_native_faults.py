@@ -25,6 +25,7 @@ import pytest
 from conftest import REPO, SERIES, child_env, get_build
 from test_native_smoke import smoke_text
 
+from conformance.native.sanitizer import SANITIZER_ENV, sanitizer_preload
 from reference.outcome import EINVAL, ENOENT, ENOMEM, EOPNOTSUPP
 from reference.program import ARENA_BASE_PHYS, NOT_RUN, Program, parse_program
 
@@ -292,8 +293,6 @@ def test_each_flavor_has_its_cpu_budget(flavor, budget):
     """A range of 2^40 pages outlasts any budget (scenario.range-2^40): the
     event names the flavor's own (contract.CPU_BUDGET_MS); fuzzing trades it
     for executions."""
-    from conformance.native.sanitizer import SANITIZER_ENV, sanitizer_preload
-
     env = child_env() | ({**SANITIZER_ENV, "LD_PRELOAD": sanitizer_preload(flavor)} if flavor != "plain" else {})
     proc = subprocess.run([sys.executable, "-c", _BUDGET_CHILD, flavor], capture_output=True, text=True, cwd=REPO,
                           env=env, timeout=300)

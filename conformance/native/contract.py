@@ -88,7 +88,7 @@ OP_BOOT = 0xFFFFFFFF  # a record's op index outside any op: boot, or the end sta
 # CPU time (ms) one op of kernel code may take before it counts as running
 # away, per build flavor. Sanitizer builds run the same code about four times
 # slower. Fuzzing trades the budget for executions: an op the model does not
-# foresee as slow (reference.outcome.SLOW_WORK) takes under 0.1 s even in the
+# foresee as slow (reference.outcome.SLOW_WORK) takes under 0.13 s even in the
 # fuzz flavor, and a foreseen timeout then costs 0.5 s instead of 4.
 CPU_BUDGET_MS = {"plain": 1000, "coverage": 1000, "asan": 4000, "fuzz": 500}
 
