@@ -40,10 +40,9 @@ if not __package__:  # run as a file: make the project importable
 
 import atheris
 
-from conformance.compare.diff import compare
 from conformance.compare.target import Pair, Target, target_for
 from conformance.compare.trace import trace
-from conformance.compare.triage import triage
+from conformance.compare.triage import screen
 from conformance.native.build import BUNDLE_META, Build, build, load_bundle
 from conformance.native.sanitizer import ensure_process_for
 from conformance.source import DEFAULT_KERNEL, KernelSource, fetch
@@ -97,10 +96,7 @@ class Fuzzer:
 
     def __call__(self, data: bytes) -> None:
         program = decode(data, self.page_shift)
-        c = compare(program, self.target)
-        if c.ok:
-            return
-        verdict = triage(c, self.target, attribute=False)
+        c, verdict = screen(program, self.target)
         if verdict.status != "fail" or verdict.divergence.signature in self.seen:
             return
         signature = verdict.divergence.signature

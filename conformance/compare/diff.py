@@ -128,6 +128,9 @@ class Comparison:
     quirks: frozenset[str] = frozenset()  # the model's old kernel's
     next_quirks: frozenset[str] = frozenset()  # the model's next kernel's
     native: NativeRuns = field(default_factory=NativeRuns)
+    # False: a state divergence (tree, node pages, FDT) is placed at the last
+    # op before the state was taken, not at the op that caused it (see compare).
+    located: bool = True
 
     @property
     def ok(self) -> bool:
@@ -187,16 +190,19 @@ def _view(o: Outcome) -> dict:
 
 def compare(program: Program, target: Target | Pair, *, quirks: frozenset[str] = frozenset(),
             next_quirks: frozenset[str] | None = None, again: Comparison | None = None,
-            handover: bool = True) -> Comparison:
+            handover: bool = True, locate: bool = True) -> Comparison:
     """Run both implementations on ``program`` (the model's old kernel with
     ``quirks``, its next kernel with ``next_quirks``, by default the same)
     and list where they differ, first divergence first. ``again``: an
-    earlier comparison of the same program, whose kernel runs are reused."""
+    earlier comparison of the same program, whose kernel runs are reused.
+    ``locate=False`` skips bisecting for the op that caused a state
+    divergence, which runs both sides on prefixes of the program: whether
+    the two differ, and in what, is the same either way."""
     next_quirks = quirks if next_quirks is None else next_quirks
     expected = model.run(program, target.old.profile, quirks, next_profile=target.next.profile, next_quirks=next_quirks)
     actual = again.kernel if again is not None else target.run(program)
     cmp = Comparison(program, expected, actual, quirks=quirks, next_quirks=next_quirks,
-                     native=again.native if again else NativeRuns())
+                     native=again.native if again else NativeRuns(), located=locate)
     if _view(expected) != _view(actual):
         cmp.divergences += _diff(program, expected, actual, target, cmp)
     if handover:
@@ -254,7 +260,7 @@ def _diff(program: Program, exp: Outcome, act: Outcome, target: Target | Pair, c
     for name in ("tree", "node_pages", "fdt"):
         if ev[name] != av[name]:
             e, a = _first_difference(name, exp, act)
-            add(name, _first_state_op(program, target, name, state_at, cmp), e[0], e[1], a)
+            add(name, _first_state_op(program, target, name, state_at, cmp) if cmp.located else state_at, e[0], e[1], a)
     en, an = _next_view(exp.next), _next_view(act.next)
     if en != an and kexec is not None and not cut:  # an event cut the next kernel short
         for key in (en or an):  # NextBoot's field order: deterministic

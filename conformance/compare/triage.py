@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
+from reference import shortcuts
+from reference.program import Program
 from reference.quirks import ALL as QUIRKS
 
 from ..corpus import known_dir
@@ -194,7 +196,7 @@ def triage(cmp: Comparison, target: Target | Pair, *, attribute: bool = True) ->
 
         def remaining(chosen: frozenset[tuple[str, str]]) -> list[Divergence]:
             old, nxt = split(chosen)
-            c = compare(cmp.program, target, quirks=old, next_quirks=nxt, again=cmp)
+            c = compare(cmp.program, target, quirks=old, next_quirks=nxt, again=cmp, locate=cmp.located)
             return [d for d in c.divergences if not _by_site(d)]
 
         rest = remaining(available) if available else [d for d in cmp.divergences if not _by_site(d)]
@@ -215,3 +217,24 @@ def triage(cmp: Comparison, target: Target | Pair, *, attribute: bool = True) ->
     if new:
         return Verdict("fail", new[0], known, tuple(new), *quirks)
     return Verdict("known", cmp.first, known, (), *quirks)
+
+
+def screen(program: Program, target: Target | Pair) -> tuple[Comparison, Verdict]:
+    """Compare and decide new or not (``triage(attribute=False)``), as
+    fuzzing and the state machine need it, for many programs.
+
+    A shortcut: the first comparison does not bisect for the op that caused
+    a state divergence. Whether a divergence is new does not depend on
+    where it is placed (``triage`` asks only whether any divergence is left
+    under the quirks, and places sanitizer reports by their own op), so
+    only a new one is compared again, located, for its record and
+    signature. A known verdict from an unlocated comparison names no
+    divergence."""
+    cmp = compare(program, target, locate=not shortcuts.ENABLED)
+    verdict = triage(cmp, target, attribute=False)
+    if verdict.status == "fail" and not cmp.located:
+        cmp = compare(program, target, again=cmp)
+        verdict = triage(cmp, target, attribute=False)
+    if verdict.status == "known" and not cmp.located:
+        verdict = replace(verdict, divergence=None)
+    return cmp, verdict

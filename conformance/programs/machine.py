@@ -49,9 +49,9 @@ from reference.geometry import MAX_PAGE_ORDER, geometry
 from reference.program import AREA_ALLOC, AREA_HUGE, SLOTS, Header, Op, Program, Step
 from reference.vmalloc import chunk_capacity
 
-from ..compare.diff import Comparison, Divergence, compare
+from ..compare.diff import Comparison, Divergence
 from ..compare.target import Pair, Target
-from ..compare.triage import triage
+from ..compare.triage import screen
 from .layouts import RAM_PFNS, SCRATCH, busy_pfns, standard_header
 
 DENSE_PFNS = 0x2000  # most ops land here, so that they share tree nodes
@@ -384,8 +384,7 @@ class KhoMachine(RuleBasedStateMachine):
         cls.examples_run += 1
         cls.steps_run += len(self.steps)
         program = self.program()
-        cmp = compare(program, self.target)
-        verdict = triage(cmp, self.target, attribute=False)
+        cmp, verdict = screen(program, self.target)
         if verdict.status == "fail":
             raise UnknownDivergence(self.target, program, cmp, verdict.divergence)
 
