@@ -6,11 +6,12 @@ table and returns what it measured (JSON-able); ``MEASUREMENTS`` lists them
 in the order they run, so another one is one more entry:
 
 - ``rates``: on fixed programs of 16 and 256 ops, the native ``kc_run``
-  alone (packed once, no record read back), the binding (a run to an
+  alone (packed once, no record read back: the old kernel's call, then the
+  next kernel's from the image it left), the binding (a run to an
   ``Outcome``), the model alone, the differential run (both, compared,
   handover checked both ways), and the ratio differential / native;
-- ``breakdown``: where the differential run's time goes, by stage (cProfile
-  over the fixed programs);
+- ``breakdown``: where the differential run's time goes, by the code that
+  spends it (cProfile's own time per file, over the fixed programs);
 - ``harness``: the atheris entry point in the fuzz flavor in one libFuzzer
   process (one core; every execution is a program compared: decoded, model,
   kernel, diff, triage), and ``fuzz --jobs 1`` against ``--jobs 2``;
@@ -121,25 +122,43 @@ def _rate(fn: Callable[[], object], seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
-def measure_rates(b: Bench) -> dict:
+def _kernel_calls(target, program: Program) -> Callable[[], None]:
+    """The C work of one program alone: ``kc_run`` of the old kernel, then,
+    after a kexec, of the next kernel from the image it left (packed once,
+    beforehand)."""
     from cffi import FFI
 
+    from .native.contract import pack_image, pack_program
+
+    lib, null = target.native.lib, FFI().NULL
+    old = pack_program(program)
+    k = program.kexec_index()
+    if k is None:
+        return lambda: lib.kc_run(old, len(old), null, 0)
+    nxt = pack_program(Program(program.header, program.steps[k:]))  # from its kexec on
+    image = pack_image(target.native.run(program).image, 1 << program.header.page_shift)
+
+    def calls() -> None:
+        lib.kc_run(old, len(old), null, 0)
+        lib.kc_run(nxt, len(nxt), image, len(image))
+
+    return calls
+
+
+def measure_rates(b: Bench) -> dict:
     from reference import model
 
     from .compare.diff import compare
-    from .native.contract import pack_program
 
     target = b.target()
-    lib, null = target.native.lib, FFI().NULL
     out = {}
     table = Table(title=f"programs per second, one process — {b.source.version} ps{b.page_shift}")
     for col in ("ops", "native kc_run", "binding", "model", "differential", "differential / native"):
         table.add_column(col, justify="right")
     for n_ops in FIXED_OPS:
         program = fixed_program(n_ops, b.page_shift)
-        blob = pack_program(program)
         rates = {
-            "native": _rate(lambda: lib.kc_run(blob, len(blob), null, 0), b.seconds),
+            "native": _rate(_kernel_calls(target, program), b.seconds),
             "binding": _rate(lambda: target.native.run(program), b.seconds),
             "model": _rate(lambda: model.run(program, target.profile), b.seconds),
             "differential": _rate(lambda: compare(program, target), b.seconds),
@@ -166,35 +185,32 @@ class _TimedLib:
         return self._lib.kc_run(*args)
 
 
-# Stages of compare() by the functions that do them: (file, function[, caller]).
-# Names of every version of the code are listed, so that a run before and
-# after a change reads the same.
-_STAGES: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
-    ("model: old kernel, handover, restores", (("reference/model.py", "run", "compare"),)),
-    ("kernel: kc_run", (("conformance/bench.py", "kc_run", "run"),)),
-    ("binding: records to an Outcome", (("conformance/native/binding.py", "run", "compare"),
-                                        ("conformance/native/binding.py", "run", "run"))),  # through Target.run
-    ("state compared (views, fingerprints)", (("conformance/compare/diff.py", "_view", "compare"),
-                                              ("reference/outcome.py", "fingerprint", "compare"),
-                                              ("conformance/compare/diff.py", "_same", "compare"))),
-    ("field-by-field diff (on a mismatch)", (("conformance/compare/diff.py", "_diff", "compare"),)),
-    ("cross handover: model on the C image", (("reference/model.py", "restore", "_cross_handover"),)),
-    ("cross handover: C on the model image", (("conformance/compare/diff.py", "restore", "_cross_handover"),)),
-    ("cross handover: rest", (("conformance/compare/diff.py", "_cross_handover", "compare"),)),
+# Where compare()'s time goes, by the code that spends it: each function's
+# own time (cProfile's tottime) goes to the stage of its file; a builtin's
+# (dict, struct, sorted...) to its callers'. Own times add up to the whole,
+# whatever calls what, so a run before and after a change reads the same.
+_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("kernel: kc_run (C)", ("conformance/bench.py",)),  # _TimedLib.kc_run: the C call is its own time
+    ("model (reference/)", ("reference/",)),
+    ("binding: packing, records to an Outcome (native/)", ("conformance/native/",)),
+    ("compare: views, diff, cross handover (compare/)", ("conformance/compare/",)),
 )
+_OTHER = "other (libraries, interpreter)"
 
 
-def _cumulative(stats: dict, file: str, function: str, caller: str | None = None) -> float:
-    """Cumulative seconds of ``function`` in ``file`` (called from ``caller``)."""
-    total = 0.0
-    for (path, _, name), (_, _, _, ct, callers) in stats.items():
-        if name != function or not path.endswith(file):
-            continue
-        if caller is None:
-            total += ct
+def _stage_of(path: str) -> str:
+    return next((label for label, prefixes in _STAGES if any(p in path for p in prefixes)), _OTHER)
+
+
+def _own_time_by_stage(stats: dict) -> dict[str, float]:
+    out = dict.fromkeys([label for label, _ in _STAGES] + [_OTHER], 0.0)
+    for (path, _, _), (_, _, tt, _, callers) in stats.items():
+        if path == "~" and callers:  # a builtin: its time is its callers'
+            for (cpath, _, _), (_, _, ctt, _) in callers.items():
+                out[_stage_of(cpath)] += ctt
         else:
-            total += sum(c[3] for (_, _, cname), c in callers.items() if cname == caller)
-    return total
+            out[_stage_of(path)] += tt
+    return out
 
 
 def measure_breakdown(b: Bench) -> dict:
@@ -221,13 +237,8 @@ def measure_breakdown(b: Bench) -> dict:
             n += 1
         profile.disable()
         stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
-        total = _cumulative(stats, "conformance/compare/diff.py", "compare")
-        stages = {label: sum(_cumulative(stats, *key) for key in keys) for label, keys in _STAGES}
-        # nested stages: the binding's time includes kc_run, the cross handover's its two restores
-        stages["binding: records to an Outcome"] -= stages["kernel: kc_run"]
-        stages["cross handover: rest"] -= (stages["cross handover: model on the C image"]
-                                           + stages["cross handover: C on the model image"])
-        stages["rest of compare()"] = total - sum(stages.values())
+        stages = _own_time_by_stage(stats)
+        total = sum(stages.values())
         out[str(n_ops)] = {"compares": n, "profiled_seconds": total,
                            "shares": {k: v / total if total else 0.0 for k, v in stages.items()}}
         for label, share in out[str(n_ops)]["shares"].items():

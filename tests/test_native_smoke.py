@@ -285,6 +285,22 @@ def test_program_without_kexec_has_no_next_kernel(series, native_for):
 
 
 @pytest.mark.parametrize("series", SERIES)
+def test_the_next_kernel_boots_from_the_image_alone(series, native_for):
+    """The old kernel's run ends at kexec and leaves the image; the next
+    kernel within the program is that image's restore, like any image's."""
+    h = native_for(series, 12)
+    program = parse_program("page_shift 12\n---\npreserve_folio 0x1000 3\nkexec\nrestore_folio 0x1000000\n"
+                            "restore_folio 0x1000000\n")
+    old = h._run_old(program)
+    assert old.ops[0].rc == 0 and [r.rc for r in old.ops[1:]] == [NOT_RUN] * 3  # nothing after kexec ran
+    assert old.image is not None and old.next is None
+    whole, nxt = h.run_parts(program)
+    assert nxt == h.restore(old.image, program.header, program.steps[2:])
+    assert whole.ops == old.ops[:1] + nxt.ops and whole.next == nxt.next and whole.image == old.image
+    assert [r.rc for r in whole.ops] == [0, 0, 0, -1]  # kexec accepted, the folio restored once
+
+
+@pytest.mark.parametrize("series", SERIES)
 def test_log_renders_kernel_pointer_extensions(series, native_for):
     o = native_for(series, 12).run(parse_program(
         "page_shift 12\nscratch 0x20000000 0x1000000\n---\nkexec\n"))

@@ -10,11 +10,11 @@ kernel, and whose next kernel, a program meets), ``page_shift`` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from reference.outcome import OpResult, Outcome
+from reference.outcome import Outcome
 from reference.profiles import Profile, select_profile
-from reference.program import NOT_RUN, Program
+from reference.program import Program
 
 from ..errors import KhoConformError
 from ..native.binding import NativeKernel
@@ -45,7 +45,7 @@ class Target:
         return self
 
     def run(self, program: Program) -> Outcome:
-        return self.native.run(program)
+        return self.old.native.run(program, self.next.native)
 
 
 @dataclass(frozen=True)
@@ -75,26 +75,7 @@ class Pair:
         return self.old.page_shift
 
     def run(self, program: Program) -> Outcome:
-        k = program.kexec_index()
-        if k is None:
-            return self.old.run(program)
-        old = self.old.run(Program(program.header, program.steps[: k + 1]))
-        if old.image is None and old.events:  # the old kernel was cut short: nothing after it runs
-            return replace(old, ops=old.ops + (OpResult(NOT_RUN),) * (len(program.steps) - k - 1))
-        if old.image is None:  # KHO disabled: no handover, the ops after kexec run in the old kernel
-            return self.old.run(program)
-        new = self.next.native.restore(old.image, program.header, program.steps[k + 1 :])
-        # Whatever happened at op k and after in the old library's run was
-        # its own next kernel's doing: the next kernel here is the other's.
-        mine = [(e, at) for e, at in zip(old.events, old.event_ops) if at is None or at < k]
-        theirs = [(e, k + (at or 0)) for e, at in zip(new.events, new.event_ops)]
-        return replace(
-            old, ops=old.ops[:k] + new.ops, next=new.next,
-            events=tuple(e for e, _ in mine + theirs), event_ops=tuple(at for _, at in mine + theirs),
-            reports=tuple(r for r in old.reports if r.op is None or r.op < k)
-            + tuple(replace(r, op=k + (r.op or 0)) for r in new.reports),
-            log=old.log + new.log,
-        )
+        return self.old.native.run(program, self.next.native)
 
 
 def target_for(build: Build) -> Target:

@@ -9,6 +9,7 @@ import functools
 import os
 import re
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 from cffi import FFI
@@ -17,7 +18,7 @@ from reference.arena import words_from_bytes
 from reference.fdt import Fdt
 from reference.geometry import geometry
 from reference.image import PageStore
-from reference.outcome import EOPNOTSUPP, Image, NextBoot, OpResult, Outcome, SanitizerReport, TreeNode
+from reference.outcome import Image, NextBoot, OpResult, Outcome, SanitizerReport, TreeNode
 from reference.program import ARENA_BASE_PHYS, NOT_RUN, Header, Op, Program, Step
 from reference.tree import leaf_bits, traverse
 
@@ -52,7 +53,34 @@ class NativeKernel:
         self.page_shift = self.lib.kc_page_shift()
         self.page_size = 1 << self.page_shift
 
-    def run(self, program: Program) -> Outcome:
+    def run(self, program: Program, next_kernel: NativeKernel | None = None) -> Outcome:
+        """The kernel's outcome of ``program``; after kexec, ``next_kernel``'s
+        (default: this build's)."""
+        return self.run_parts(program, next_kernel)[0]
+
+    def run_parts(self, program: Program, next_kernel: NativeKernel | None = None) -> tuple[Outcome, Outcome | None]:
+        """The kernel's outcome of ``program``, and the next kernel's run
+        within it, as ``restore`` returned it (None: no handover).
+
+        Two calls of the kernel's code: the old kernel's ends at kexec,
+        which leaves the handover image; the next kernel boots from that
+        image as from any other (``restore``). So the next kernel knows only
+        what crossed kexec, be it this build's or another version's."""
+        old = self._run_old(program)
+        k = program.kexec_index()
+        if k is None or old.image is None or old.ops[k].rc != NOT_RUN:
+            return old, None  # no kexec, the old kernel was cut short before it, or KHO is disabled (it ran on)
+        new = (next_kernel or self).restore(old.image, program.header, program.steps[k + 1 :])
+        return replace(
+            old, ops=old.ops[:k] + new.ops, next=new.next,
+            events=old.events + new.events, event_ops=old.event_ops + tuple(k + (at or 0) for at in new.event_ops),
+            reports=old.reports + tuple(replace(r, op=k + (r.op or 0)) for r in new.reports),
+            log=old.log + new.log,
+        ), new
+
+    def _run_old(self, program: Program) -> Outcome:
+        """The old kernel's run: up to and including its kexec, which records
+        the image and ends the run (the ops after it are NOT_RUN)."""
         if program.header.page_shift != self.page_shift:
             raise KhoConformError(f"program is for page shift {program.header.page_shift}, library for {self.page_shift}")
         blob = pack_program(program)
@@ -105,7 +133,6 @@ class NativeKernel:
         vmaps: dict[int, list[tuple[int, int]]] = {}
         events, event_ops, log, reports = [], [], [], []
         state = None
-        kexec_at = 0 if foreign else None
         nxt = {"walk": [], "walk_nodes": [], "reserved": [], "noinit": [], "scratch_marks": [], "magic": [], "phantom": []}
         walk, walk_nodes, magic = nxt["walk"], nxt["walk_nodes"], nxt["magic"]
         for kind, op, a, b, c in records:  # the kinds of every op and every preserved block first
@@ -117,7 +144,7 @@ class NativeKernel:
                 magic.append((a, b))
             elif kind == _MEMBLOCK:
                 key = _MEMBLOCK_LISTS.get(c)
-                if key and kexec_at is not None:
+                if key and foreign:  # the old kernel's own marks are not the handover's
                     nxt[key].append((a, b))
             elif kind == _WALK_NODE:
                 walk_nodes.append(a)
@@ -134,16 +161,14 @@ class NativeKernel:
                 reports.append(self._report(string(a), None if op == OP_BOOT else op, ended=bool(b), code=c))
             elif kind == Rec.STATE:
                 state = (a, b, c)
-                if kexec_at is None and op != OP_BOOT and op < nsteps:
-                    kexec_at = op
             elif kind == Rec.PHANTOM:
                 nxt["phantom"].append(a)
             elif kind == Rec.VMAP:
                 vmaps.setdefault(op, []).append((a, b))
         results = _op_results(answers, warns, vmaps)
         next_boot = None
-        if kexec_at is not None and results[kexec_at].rc != -EOPNOTSUPP:
-            accepted = results[kexec_at].rc == 0
+        if foreign:  # only a run from an image boots a next kernel; ops[0] is its kexec
+            accepted = results[0].rc == 0
             next_boot = NextBoot(
                 accepted=accepted, reason="" if accepted else "; ".join(log[-3:]),
                 **{k: tuple(v) for k, v in nxt.items()},

@@ -4,8 +4,12 @@
  * reaches the file's statics (kho_out, kho_in, kho_init) and its macros.
  *
  * Old kernel: KHO init (kho_init, the kernel's own fs_initcall), then the
- * ops. kexec: the arena (physical memory) is kept, everything else (globals,
- * struct pages, warn-once state) is reset, and the next kernel runs
+ * ops. kexec ends the old kernel's run: its state is recorded (the handover
+ * image: every page of the arena) and the call returns. The next kernel
+ * boots in a call of its own from an image, its own old kernel's or any
+ * other's, so it knows only what crossed kexec, as a real next kernel: the
+ * arena holds the image, everything else (globals, the page allocator's
+ * books, vm areas, struct pages, warn-once state) starts afresh. It runs
  * kho_populate, kho_memory_init_early (where the tree has it) and
  * kho_memory_init, then the restore ops.
  */
@@ -44,6 +48,7 @@ struct kc_run {
 	unsigned long image_len;
 	bool enabled;               /* the old kernel's KHO came up */
 	bool next;                  /* running the next kernel */
+	bool handed_over;           /* the old kernel's run ended at kexec */
 };
 
 static void kc_op_result(long rc, u64 value, u64 value2)
@@ -188,33 +193,30 @@ static void kc_corrupt_image(const struct kc_run *run)
 	}
 }
 
+/* kexec in the old kernel: the image is made (pokes corrupt it in transit)
+ * and recorded; the run ends. */
+static void kc_hand_over(struct kc_run *run)
+{
+	kc_corrupt_image(run);
+	kc_record_state();
+	run->handed_over = true;
+}
+
+/* The next kernel's boot from a handover image (steps[0], the kexec). */
 static void kc_next_kernel(struct kc_run *run)
 {
-	u64 fdt_phys, scratch_phys, scratch_len;
 	struct kc_image image;
 
-	if (run->image) {
-		if (kc_load_image(run->image, run->image_len, &image)) {
-			kc_op_result(-EINVAL, 0, 0);
-			return;
-		}
-		fdt_phys = image.fdt_phys;
-		scratch_phys = image.scratch_phys;
-		scratch_len = image.scratch_len;
-		kc_arena_reserve(0, image.arena_hwm);
-	} else {
-		kc_corrupt_image(run);
-		kc_record_state();
-		fdt_phys = virt_to_phys(kho_out.fdt);
-		scratch_phys = virt_to_phys(kho_scratch);
-		scratch_len = kho_scratch_cnt * sizeof(*kho_scratch);
-		/* the old kernel's pages survive kexec: the next one must not reuse them */
-		kc_arena_reserve(0, kc_arena_hwm());
+	if (kc_load_image(run->image, run->image_len, &image)) {
+		kc_op_result(-EINVAL, 0, 0);
+		return;
 	}
+	/* the old kernel's pages survive kexec: the next one must not reuse them */
+	kc_arena_reserve(0, image.arena_hwm);
 	kc_reset_globals();
 	kc_start_kernel(1);
 	run->next = true;
-	kho_populate(fdt_phys, PAGE_SIZE, scratch_phys, scratch_len);
+	kho_populate(image.fdt_phys, PAGE_SIZE, image.scratch_phys, image.scratch_len);
 #if KC_HAS_MEMORY_INIT_EARLY
 	kho_memory_init_early();
 #endif
@@ -408,7 +410,7 @@ static void kc_step(struct kc_run *run, const struct kc_step *s)
 		if (run->next || !run->enabled)
 			kc_op_result(-EOPNOTSUPP, 0, 0);
 		else
-			kc_next_kernel(run);
+			kc_hand_over(run);
 		break;
 	case KC_RESTORE_FOLIO:
 	case KC_RESTORE_PAGES:
@@ -464,12 +466,12 @@ static void kc_run_steps(void *arg)
 		kc_record(KC_REC_BOOT, (u64)(long)kho_init(), 0, 0);
 		run->enabled = kho_is_enabled();
 	}
-	for (unsigned long i = run->image ? 1 : 0; i < run->nsteps; i++) {
+	for (unsigned long i = run->image ? 1 : 0; i < run->nsteps && !run->handed_over; i++) {
 		kc_cur_op = i;
 		kc_op_budget();
 		kc_step(run, &run->steps[i]);
 	}
-	if (!run->next && run->enabled) {
+	if (!run->next && run->enabled && !run->handed_over) {
 		kc_cur_op = KC_OP_BOOT; /* the end state, not a kexec */
 		kc_record_state();
 	}
