@@ -418,17 +418,66 @@ class Fdt:
         try:
             if err < 0:
                 return err
-            off, depth = parent, 0
-            while off >= 0 and depth >= 0:
-                if depth == 1:
-                    got = self._get_name(off)
-                    if isinstance(got, bytes) and got[:len(want)] == want and (
-                            len(got) == len(want) or (b"@" not in want and got[len(want)] == 0x40)):
-                        return off
-                off, depth = self._next_node(off, depth)
-            return -FDT_ERR_NOTFOUND if depth < 0 else off
+            found = self._subnode_scan(parent, want)
+            return self._subnode_walk(parent, want) if found is None else found
         finally:
             self._scan_end()
+
+    def _subnode_scan(self, parent: int, want: bytes) -> int | None:
+        """subnode_offset's walk in one loop over a well-formed stretch of a
+        v16+ structure block lying inside the buffer (the kernel's FDT, with
+        dozens of children: the model's hottest path). None on anything
+        else (a tag, length or name libfdt would reject, an old version, a
+        block past the buffer): then ``_subnode_walk`` answers. Reads only,
+        so the fallback starts from the same state."""
+        limit, base, version, _ = self._frozen
+        buf = self.buf
+        if version < 16 or parent < 0 or parent % 4 or base < 0 or limit < 0 or base + limit > len(buf):
+            return None
+        unpack, end, n_want = _BE32.unpack_from, base + limit, len(want)
+        plain = b"@" not in want
+        off, depth = parent, -1  # the parent's own tag brings depth to 0
+        while off + 4 <= limit:
+            tag = unpack(buf, base + off)[0]
+            off += 4
+            if tag == FDT_BEGIN_NODE:
+                nul = buf.find(0, base + off, end)
+                if nul < 0:
+                    return None
+                depth += 1
+                if depth == 1 and buf[base + off:base + off + n_want] == want and (
+                        nul - base - off == n_want or (plain and buf[base + off + n_want] == 0x40)):
+                    return off - 4
+                off = _align4(nul - base + 1)
+            elif tag == FDT_PROP:
+                if off + 4 > limit or depth < 0:
+                    return None
+                n = unpack(buf, base + off)[0]
+                if (n + off) & U32 >= INT_MAX or (n + off) & U32 < off or off + 8 + n > limit:
+                    return None
+                off = _align4(off + 8 + n)
+            elif tag == FDT_END_NODE:
+                if depth < 0:
+                    return None
+                depth -= 1
+                if depth < 0:
+                    return -FDT_ERR_NOTFOUND
+            elif tag != FDT_NOP or depth < 0:
+                return None if tag != FDT_END or depth < 0 else -FDT_ERR_NOTFOUND
+        return None
+
+    def _subnode_walk(self, parent: int, want: bytes) -> int:
+        """subnode_offset the long way, node by node as libfdt walks; inside
+        a read-only scan."""
+        off, depth = parent, 0
+        while off >= 0 and depth >= 0:
+            if depth == 1:
+                got = self._get_name(off)
+                if isinstance(got, bytes) and got[:len(want)] == want and (
+                        len(got) == len(want) or (b"@" not in want and got[len(want)] == 0x40)):
+                    return off
+            off, depth = self._next_node(off, depth)
+        return -FDT_ERR_NOTFOUND if depth < 0 else off
 
     def node_check_compatible(self, node: int, compatible: str | bytes) -> int:
         """0 if the "compatible" string list holds ``compatible``, 1 if not,

@@ -32,6 +32,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from itertools import repeat
 
 from . import quirks, shortcuts
 from .arena import Arena, Words, set_word
@@ -378,15 +379,20 @@ class OldKernel:
             return OpResult(-ENOMEM, warnings=tuple(warnings[:WARN_CAP]))  # nothing stored yet
         first = chunk
         Descriptor(first).write(page, slot)
-        capacity, block, index, rc = chunk_capacity(self.geo.page_size), 1 << order, 0, 0
-        for start in range(pfn, pfn + nr_pages, block):
-            r = self._preserve_pages(start, block)
+        capacity, index, rc = chunk_capacity(self.geo.page_size), 0, 0
+        start, end = pfn, pfn + nr_pages
+        while start < end:  # the blocks up to the end of the area or of the chunk
+            done, r = self._preserve_blocks(start, order, min(capacity - index, (end - start) >> order))
             warnings += r.warnings
+            words = self._chunk(chunk)
+            words.update(zip(range(1 + index, 1 + index + done),
+                             range(start << P, (start + (done << order)) << P, 1 << (order + P))))
+            if done and not start:
+                del words[1 + index]  # phys 0 (quirk vmalloc-phys-zero): zero words are absent
+            index, start = index + done, start + (done << order)
             if r.rc:
                 rc = r.rc
                 break
-            set_word(self._chunk(chunk), 1 + index, start << P)
-            index += 1
             if index == capacity:
                 chunk = self._new_chunk(chunk, warnings)
                 if chunk is None:
@@ -415,11 +421,8 @@ class OldKernel:
         while chunk:
             words = self._chunk(chunk)
             warnings += self._unpreserve_pages(chunk >> P, 1).warnings
-            for i in range(chunk_capacity(self.geo.page_size)):
-                phys = words.get(1 + i, 0)
-                if not phys:
-                    break
-                warnings += self._unpreserve_pages(phys >> P, 1 << desc.order).warnings
+            listed = list(map(words.get, range(1, 1 + chunk_capacity(self.geo.page_size)), repeat(0)))
+            warnings += self._unpreserve_blocks(listed[:listed.index(0)] if 0 in listed else listed, desc.order)
             following = words.get(CHUNK_NEXT_WORD, 0)
             self.arena.free(chunk)
             chunk = following
@@ -495,6 +498,50 @@ class OldKernel:
         if not shortcuts.ENABLED:
             return None
         return one_block(pfn, nr_pages, self.header, numa, **self._walk)
+
+    def _run_key(self, pfn: int, order: int, count: int) -> int | None:
+        """Shortcut: the first key of ``count`` blocks of 2^order pages from
+        ``pfn`` when each is a one-block range keyed in the key domain (so
+        their keys follow each other, none wider than the key width); else
+        None (one block at a time)."""
+        if count < 2 or not shortcuts.ENABLED:
+            return None
+        P, block, last = self.header.page_shift, 1 << order, pfn + ((count - 1) << order)
+        numa = self._preserve_numa()
+        # A page's one_block depends only on its bound (monotone): the last decides.
+        starts = (last,) if order == 0 else range(pfn, last + 1, block)
+        if not (in_domain(pfn, order, P) and in_domain(last, order, P)) or any(
+                self._one_block(s, block, numa) != order for s in starts):
+            return None
+        return pfn_key(pfn, order, P)
+
+    def _preserve_blocks(self, pfn: int, order: int, count: int) -> tuple[int, OpResult]:
+        """``count`` blocks of 2^order pages from ``pfn`` preserved in turn as
+        page ranges: (how many were, the result of the one that failed or OK)."""
+        assert self.tree is not None
+        key = self._run_key(pfn, order, count)
+        if key is not None:
+            done, rc = self.tree.add_run(key, count)
+            return done, OpResult(rc) if rc else OK
+        for i in range(count):
+            r = self._preserve_pages(pfn + (i << order), 1 << order)
+            if r.rc:
+                return i, r
+        return count, OK
+
+    def _unpreserve_blocks(self, listed: list[int], order: int) -> list[str]:
+        """The blocks of 2^order pages at the listed phys unpreserved in turn
+        as page ranges: the warnings."""
+        assert self.tree is not None
+        P = self.header.page_shift
+        key = self._run_key(listed[0] >> P, order, len(listed)) if listed else None
+        step = 1 << (order + P)
+        if key is not None and listed == list(range(listed[0], listed[0] + len(listed) * step, step)):
+            return [WARN_DEL_ABSENT] * self.tree.delete_run(key, len(listed))
+        warnings: list[str] = []
+        for phys in listed:
+            warnings += self._unpreserve_pages(phys >> P, 1 << order).warnings
+        return warnings
 
     def _unpreserve_pages(self, pfn: int, nr_pages: int) -> OpResult:
         numa = self._preserve_numa()

@@ -37,6 +37,21 @@ def leaf_bits(words: Mapping[int, int]) -> list[int]:
     return out
 
 
+def _set_bits(words: dict[int, int], lo: int, n: int, value: bool) -> None:
+    """Set (or clear) bits lo .. lo+n-1 of a leaf bitmap; zero words are absent."""
+    hi = lo + n
+    while lo < hi:
+        w, bit = lo >> 6, lo & 63
+        width = min(hi - lo, 64 - bit)
+        mask = ((1 << width) - 1) << bit
+        word = words.get(w, 0) | mask if value else words.get(w, 0) & ~mask
+        if word:
+            words[w] = word
+        else:
+            words.pop(w, None)
+        lo += width
+
+
 @dataclass(frozen=True)
 class Visit:
     path: tuple[int, ...]  # table indices from the root
@@ -167,6 +182,42 @@ class RadixTree:
         else:
             leaf.pop(bit >> 6, None)
         return True
+
+    def _leaf_runs(self, key: int, count: int) -> Iterator[tuple[int, int]]:
+        """Keys key .. key+count-1 cut where they change leaf: (first, how many)."""
+        end, size = key + count, self._bit_mask + 1
+        while key < end:
+            n = min(end - key, size - (key & self._bit_mask))
+            yield key, n
+            key += n
+
+    def add_run(self, key: int, count: int) -> tuple[int, int]:
+        """Shortcut: keys key .. key+count-1 set in turn as ``add`` sets
+        them: (how many were, 0 or the error of the one that failed). Only
+        the first key of a leaf can need nodes; the others of that leaf are
+        set together."""
+        done = 0
+        for first, n in self._leaf_runs(key, count):
+            rc = self.add(first)
+            if rc:
+                return done, rc
+            leaf = self._leaf(first)
+            assert leaf is not None  # just added
+            _set_bits(leaf, (first & self._bit_mask) + 1, n - 1, True)
+            done += n
+        return done, 0
+
+    def delete_run(self, key: int, count: int) -> int:
+        """Shortcut: keys key .. key+count-1 cleared as ``delete`` clears
+        them, a leaf at a time: how many found an empty table on their path."""
+        absent = 0
+        for first, n in self._leaf_runs(key, count):
+            leaf = self._leaf(first)
+            if leaf is None:
+                absent += n
+            else:
+                _set_bits(leaf, first & self._bit_mask, n, False)
+        return absent
 
     def nodes(self) -> Iterator[Visit]:
         """The tree as memory shows it (after pokes, wherever entries point)."""

@@ -305,3 +305,48 @@ def test_short_buffers_never_raise() -> None:
         m_readers(fdt, ["foo", "bar", ""])
         assert fdt.out_of_bounds or n >= F.HEADER_SIZE
     assert not fdt.out_of_bounds
+
+
+@settings(max_examples=300, deadline=None)
+@given(names=st.lists(NAMES, max_size=6, unique=True), nested=st.lists(
+    st.tuples(st.integers(0, 5), NAMES, st.binary(max_size=20)), max_size=4), pokes=st.lists(
+    st.tuples(st.integers(0, 39) | st.integers(40, 700), st.integers(0, 255)), max_size=3),
+    version=st.sampled_from((None, 1, 15, 16, 17, 18)), queries=st.lists(NAMES, max_size=4),
+    parent=st.sampled_from((-4, 2, 601)) | st.integers(0, 150).map(lambda i: 4 * i))
+def test_subnode_scan_is_the_walk(names, nested, pokes, version, queries, parent) -> None:
+    """subnode_offset's one-loop scan answers only what the node-by-node
+    walk answers, on trees nested deeper than the kernel's, with pre-v16
+    versions and corrupted bytes; and it does answer on the kernel's trees."""
+    m, _ = build(4096, names)
+    for i, name, value in nested:  # grandchildren, with properties of any length
+        children = m.subnodes(0)
+        if children:
+            child = m.add_subnode(children[i % len(children)], name)
+            if child >= 0:
+                assert m.setprop(child, "v", value) == 0
+    clean = not pokes and version is None
+    tags, off = [], 0  # every tag of the tree as built: a parent of each kind
+    while off >= 0:
+        tags.append(off)
+        off = m._next_tag(off)[1]
+    for off, v in pokes:
+        m.buf[off] = v
+    if version is not None:
+        struct.pack_into(">I", m.buf, 20, version)
+    queries = names + queries + ["foo", "x"]
+    for at in {parent, *tags}:
+        for want in queries:
+            want = want.encode()
+            err = m._scan_start()
+            try:
+                if err < 0:
+                    continue
+                fast = m._subnode_scan(at, want)
+                slow = m._subnode_walk(at, want)
+            finally:
+                m._scan_end()
+            if clean and at in (0, *m.subnodes(0), *m.subnodes(m.subnodes(0)[0] if names else 0)):
+                assert fast is not None  # a well-formed tree never takes the long way
+            if fast is not None:
+                assert fast == slow and not m.out_of_bounds, (at, want)
+            event("scan answered" if fast is not None else "walked")

@@ -132,3 +132,35 @@ def test_walk_order_is_key_order(shift, pfns, data):
     assert walked == sorted(keys)
     strict = [v.phys for v in traverse(t.root, t.geo, t.arena.words, strict=True)]
     assert strict == [v.phys for v in t.nodes()]
+
+
+@settings(max_examples=200, deadline=None)
+@given(preset=st.lists(st.tuples(st.integers(0, 3 << 15), st.integers(1, 200)), max_size=4), runs=st.lists(st.tuples(
+    st.booleans(), st.integers(0, 3 << 15) | st.integers(1, 3).map(lambda k: (k << 15) - 70), st.integers(1, 200)),
+    min_size=1, max_size=6), arena_pages=st.sampled_from((8, 10, 12, 64)), fail_alloc=st.just(0) | st.integers(2, 20))
+def test_runs_are_one_key_at_a_time(preset, runs, arena_pages, fail_alloc):
+    """add_run and delete_run (whole leaves at a time) leave the tree, its
+    pages and the allocator as key-by-key adds and deletes do, and report
+    the same: keys set before an allocation fails, deletes that find no
+    leaf. Runs cross leaves (2^15 keys each at page shift 12). (Allocation
+    1 is the root.)"""
+    base = pfn_key(0, 0, 12)
+    one, run = new_tree(arena_pages, fail_alloc), new_tree(arena_pages, fail_alloc)
+    for t in (one, run):
+        for first, n in preset:
+            for k in range(base + first, base + first + n):
+                t.add(k)
+    for add, first, n in runs:
+        if add:
+            done, rc = 0, 0
+            for k in range(base + first, base + first + n):
+                rc = one.add(k)
+                if rc:
+                    break
+                done += 1
+            assert run.add_run(base + first, n) == (done, rc)
+        else:
+            absent = sum(not one.delete(k) for k in range(base + first, base + first + n))
+            assert run.delete_run(base + first, n) == absent
+        assert canonical(run) == canonical(one)
+        assert run.arena.attempts == one.arena.attempts and run.arena.content() == one.arena.content()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, get_build
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conformance.bench import fixed_program
@@ -18,9 +18,10 @@ from conformance.compare.target import target_for
 from conformance.compare.triage import screen, triage
 from fuzz.decode import decode
 from fuzz.findings import iter_findings
-from reference import model, shortcuts
+from reference import model, quirks, shortcuts
 from reference.keys import NUMA_ENDPOINTS, NUMA_INSIDE, one_block, range_blocks
-from reference.program import Header, Op, Program, Step, parse_program
+from reference.profiles import PROFILES
+from reference.program import AREA_ALLOC, AREA_HUGE, Header, Op, Program, Step, parse_program
 
 PAGE_SHIFT = 12
 
@@ -120,3 +121,44 @@ def test_one_block_is_the_walk(pfn, log2, kernel, int_shift, numa, nodes):
         return
     end = (pfn + nr) & ((1 << 64) - 1) if kernel else pfn + nr
     assert list(range_blocks(pfn, end, header, numa, kernel=kernel, int_shift=int_shift)) == [(pfn, order)]
+
+
+LEAF_KEYS = 1 << 15  # keys per leaf at page shift 12: runs of pages cross leaves here
+VMALLOC_QUIRKS = (quirks.VMALLOC_ROLLBACK_ORDER, quirks.VMALLOC_PHYS_ZERO, quirks.NUMA_ENDPOINT_CHECK,
+                  quirks.UNVALIDATED_DOMAIN, quirks.RANGE_INT_SHIFT, quirks.PRESERVE_PAGES_ROLLBACK)
+AREAS = st.tuples(st.integers(0, 3), st.one_of(st.integers(0, 64), st.integers(1, 40).map(lambda k: k * LEAF_KEYS - 700),
+                                              st.integers(0, 1 << 20)),
+                  st.integers(1, 3000), st.sampled_from((0, 0, 1, 3, 9)), st.sampled_from((AREA_HUGE, AREA_ALLOC | AREA_HUGE)))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(areas=st.lists(AREAS, min_size=1, max_size=4), pages=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 64)),
+       max_size=3), unpreserve=st.lists(st.integers(0, 3), max_size=3), fail_alloc=st.sampled_from((0, 0)) | st.integers(8, 40),
+       arena_pages=st.sampled_from((12, 20, 256)), numa=st.lists(st.integers(1, 1 << 20), max_size=2),
+       profile=st.sampled_from(sorted(PROFILES)), on=st.sets(st.sampled_from(VMALLOC_QUIRKS)))
+def test_vmalloc_runs_same_with_and_without_shortcuts(areas, pages, unpreserve, fail_alloc, arena_pages, numa,
+                                                      profile, on, monkeypatch):
+    """kho_preserve_vmalloc's pages preserved a leaf at a time, and
+    unpreserved (by the op, or rolled back after a failure) the same way:
+    areas across leaves and chunk pages, over keys already set, running out
+    of pages or failing an allocation midway, across NUMA nodes, under the
+    quirks that change a range walk. The model's outcome, exactly."""
+    pfn_of = {}
+    steps = [Step(Op.PRESERVE_PAGES, pfn, n) for pfn, n in pages]
+    for slot, pfn, nr, order, flags in areas:
+        block = 1 << order
+        pfn_of[slot] = pfn - pfn % block
+        steps.append(Step(Op.PRESERVE_VMALLOC, slot, pfn - pfn % block, max(nr - nr % block, block), order, flags))
+    steps += [Step(Op.UNPRESERVE_VMALLOC, slot) for slot in unpreserve]
+    steps += [Step(Op.KEXEC)] + [Step(Op.RESTORE_VMALLOC, slot) for slot in pfn_of]
+    header = Header(page_shift=PAGE_SHIFT, fail_alloc=fail_alloc, arena_pages=arena_pages,
+                    numa=((0, 0), *((start, i + 1) for i, start in enumerate(sorted(set(numa))))))
+    program = Program(header, tuple(steps))
+    outcomes = []
+    for enabled in (False, True):
+        monkeypatch.setattr(shortcuts, "ENABLED", enabled)
+        outcomes.append(model.run(program, PROFILES[profile], frozenset(on)))
+    assert outcomes[0] == outcomes[1], program.text()
+    for step, r in zip(steps, outcomes[1].ops):
+        if step.op in (Op.PRESERVE_VMALLOC, Op.UNPRESERVE_VMALLOC):
+            event(f"{step.op.name.lower()} rc {r.rc}" + (" warned" if r.warnings else ""))
