@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from conformance.compare.diff import compare
@@ -291,7 +291,7 @@ def replay(path: Path, target: Target | Pair, as_json: bool = False) -> tuple[st
             "program": program.text(), "divergences": [d.to_json() for d in c.divergences],
             "recorded_signature": expected, "reproduced": same if finding else None,
             "same_source": not note if finding else None,
-            "model": [r.__dict__ for r in c.model.ops], "kernel_ops": [r.__dict__ for r in c.kernel.ops],
+            "model": [asdict(r) for r in c.model.ops], "kernel_ops": [asdict(r) for r in c.kernel.ops],
             "events": list(c.kernel.events),
         }
         if isinstance(target, Pair):

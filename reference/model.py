@@ -247,7 +247,8 @@ class OldKernel:
             key = self._folio_key(a, b)
             if key is None:  # Model policy: the kernel does not validate
                 return OpResult(-EINVAL)
-            return OpResult(self._add(key))
+            rc = self._add(key)
+            return OK if rc == 0 else OpResult(rc)  # one OK for all: a program may have 10^6 of them
         if op in (Op.UNPRESERVE_FOLIO, Op.RADIX_DEL):
             key = self._folio_key(a, b)
             return OpResult(-EINVAL) if key is None else self._delete([key])

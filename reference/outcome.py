@@ -34,7 +34,7 @@ ERRNO = {"ENOENT": ENOENT, "E2BIG": E2BIG, "ENOMEM": ENOMEM, "EEXIST": EEXIST, "
          "ERANGE": ERANGE, "EOPNOTSUPP": EOPNOTSUPP, "EADDRNOTAVAIL": EADDRNOTAVAIL}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: an outcome may hold 10^6 results
 class OpResult:
     rc: int = 0
     value: int = 0
@@ -50,7 +50,7 @@ class OpResult:
     may_time_out: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a tree of 10^6 pages has 3*10^4 nodes
 class TreeNode:
     """One node page of the radix tree, named by its index path from the root."""
 

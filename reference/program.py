@@ -164,7 +164,7 @@ def filler_blob(index: int, page_shift: int) -> int:
     return (FILLER_BLOB_BASE + (index << page_shift)) & U64
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a program may hold 10^6 steps
 class Step:
     """One op. Integer operands are u64 (``a`` to ``e`` in operand order,
     skipping ``name``); ``name`` is the subtree name, or ''."""
