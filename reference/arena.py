@@ -27,7 +27,7 @@ _CHUNK = 256
 _ZERO_CHUNK = bytes(_CHUNK)
 
 
-def words_from_bytes(data: bytes, page_size: int) -> Words:
+def words_from_bytes(data: bytes | bytearray | memoryview, page_size: int) -> Words:
     """Non-zero little-endian u64 words of the first page_size bytes (zero-padded).
     Tree pages are mostly zero: all-zero chunks are skipped at C speed."""
     data = bytes(data[:page_size]).ljust(page_size, b"\0")
@@ -124,7 +124,7 @@ class Arena:
 
     def allocated(self) -> frozenset[int]:
         """Indices of the allocated pages (page 0 excluded)."""
-        return frozenset(self.index(p) for p in (*self._words, *self._bytes)) - {0}
+        return frozenset(i for i in map(self.index, (*self._words, *self._bytes)) if i)
 
     def words(self, phys: int) -> Words | None:
         """The word store of a word-addressable page in use at phys, else None."""

@@ -430,6 +430,7 @@ class Fdt:
         else (a tag, length or name libfdt would reject, an old version, a
         block past the buffer): then ``_subnode_walk`` answers. Reads only,
         so the fallback starts from the same state."""
+        assert self._frozen is not None  # inside a scan
         limit, base, version, _ = self._frozen
         buf = self.buf
         if version < 16 or parent < 0 or parent % 4 or base < 0 or limit < 0 or base + limit > len(buf):

@@ -45,6 +45,9 @@ class PageStore(Mapping[int, bytes]):
     def words(self, phys: int) -> Words | None:
         return self._pages.get(phys)
 
+    def __reduce__(self) -> tuple:  # pickled as its constructor call, compiled (mypyc) or not
+        return PageStore, (self._pages, self.page_size)
+
     def __deepcopy__(self, memo: dict) -> dict[int, bytes]:
         # dataclasses.asdict (Outcome.to_json) deep-copies fields: give it a
         # plain dict, which is what the schema declares.

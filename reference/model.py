@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from itertools import repeat
+from typing import ClassVar
 
 from . import quirks, shortcuts
 from .arena import Arena, Words, set_word
@@ -107,24 +108,27 @@ SUBTREE_SIZE_PROP = "blob-size"
 class KernelStop(Exception):
     """The kernel's code ends the run (an event): what it did before is kept."""
 
-    kind = ""
-    # Set on the way out of a next kernel that had booted: its boot, and the
-    # results of the ops before the one that stopped.
-    next_boot: NextBoot | None = None
-    done: list[OpResult] | None = None
+    kind: ClassVar[str] = ""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        # Set on the way out of a next kernel that had booted: its boot, and
+        # the results of the ops before the one that stopped.
+        self.next_boot: NextBoot | None = None
+        self.done: list[OpResult] | None = None
 
 
 class KernelFault(KernelStop):
     """The kernel dereferences memory that is not there (under a quirk, or
     where it follows a caller's pointer outside the old kernel's memory)."""
 
-    kind = "fault"
+    kind: ClassVar[str] = "fault"
 
 
 class KernelRunaway(KernelStop):
     """Under a quirk, a kernel loop never ends."""
 
-    kind = "timeout"
+    kind: ClassVar[str] = "timeout"
 
 
 def scratch_overlap(profile: Profile, areas: Iterable[tuple[int, int]], phys: int, size: int) -> OpResult:
@@ -285,7 +289,7 @@ class OldKernel:
         if op == Op.UNPRESERVE_VMALLOC:
             warnings = self._unpreserve_vmalloc(Descriptor.read(self._handover_page(), a))
             Descriptor().write(self._handover_page(), a)  # the caller forgets it
-            return OpResult(warnings=warnings[:WARN_CAP])
+            return OpResult(warnings=tuple(warnings[:WARN_CAP]))
         raise AssertionError(f"unhandled op {op!r}")
 
     def _query(self, step: Step) -> OpResult:
@@ -312,10 +316,11 @@ class OldKernel:
             rc, phys = -E2BIG, 0
         else:
             order = ((size - 1) >> P).bit_length()
-            phys = self.arena.alloc(order)
-            if phys is None:
+            block = self.arena.alloc(order)
+            if block is None:
                 rc, phys = -ENOMEM, 0
             else:
+                phys = block
                 rc = self._apply(Step(Op.PRESERVE_FOLIO, phys >> P, order)).rc
                 if rc:
                     self.arena.free(phys, order)
@@ -478,6 +483,7 @@ class OldKernel:
     def corrupt_image(self) -> None:
         """Apply the pokes: they stand for corruption of the handover image in
         transit, so the old kernel itself never runs on corrupted state."""
+        assert self.fdt is not None
         for step in self.pokes:
             if step.op == Op.POKE_ARENA:
                 self.arena.poke(step.a, step.b, step.c)
@@ -848,15 +854,15 @@ def handover(image: Image, header: Header, profile: Profile,
     if trusting:
         try:
             events = list(kernel_walk(root, geo, memory_reader(image, header)))
-        except PageFault as e:
-            raise KernelFault(str(e)) from None
-        except RunawayLoop as e:
-            raise KernelRunaway(str(e)) from None
+        except PageFault as fault:  # one name per type: compiled, a name keeps its first type
+            raise KernelFault(str(fault)) from None
+        except RunawayLoop as loop:
+            raise KernelRunaway(str(loop)) from None
     else:
         try:
             visits = list(traverse(root, geo, page_reader(image), strict=True))
-        except TreeError as e:
-            return reject(str(e))
+        except TreeError as refused:  # a name of its own: compiled, "e" would keep the type it has above
+            return reject(str(refused))
         events = [e for v in visits for e in ((True, v.phys), *(() if v.level else ((False, v.base | b) for b in leaf_bits(v.words))))]
     keys = [value for is_node, value in events if not is_node]
     node_pages = tuple(value for is_node, value in events if is_node)

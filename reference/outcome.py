@@ -13,6 +13,7 @@ Op result conventions (``OpResult.rc``):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 # Loop steps of kernel code past which the kernel may not finish within the
@@ -74,11 +75,11 @@ class Image:
     fdt: bytes  # fdt_totalsize() bytes
     scratch_phys: int
     scratch: bytes  # the struct kho_scratch array
-    pages: dict[int, bytes] = field(default_factory=dict)  # phys -> page bytes (tree nodes)
+    pages: Mapping[int, bytes] = field(default_factory=dict)  # phys -> page bytes (tree nodes)
     # The rest of the old kernel's memory, for a next kernel that follows
     # corrupted pointers: every other arena page with content, and how many
     # arena pages the old kernel used (the next kernel must not reuse them).
-    other_pages: dict[int, bytes] = field(default_factory=dict)
+    other_pages: Mapping[int, bytes] = field(default_factory=dict)
     arena_hwm: int = 0
 
 
@@ -132,7 +133,7 @@ class Outcome:
     # Old-kernel state at kexec (or at the end of a program without kexec).
     root_phys: int = 0
     tree: tuple[TreeNode, ...] = ()
-    node_pages: dict[int, bytes] = field(default_factory=dict)
+    node_pages: Mapping[int, bytes] = field(default_factory=dict)
     fdt: bytes = b""
     image: Image | None = None
     next: NextBoot | None = None

@@ -316,8 +316,8 @@ def parse_program(text: str) -> Program:
     for lineno, raw in enumerate(text.splitlines(), 1):
         try:
             words = shlex.split(raw, comments=True)
-        except ValueError as e:
-            raise ProgramError(f"line {lineno}: {e}") from None
+        except ValueError as unquoted:  # one name per type: compiled, a name keeps its first type
+            raise ProgramError(f"line {lineno}: {unquoted}") from None
         if not words:
             continue
         if words == ["---"]:
@@ -336,8 +336,8 @@ def parse_program(text: str) -> Program:
                 head[key] = int(args[0], 0)
             else:
                 raise ProgramError(f"unknown header line {key!r}")
-        except (IndexError, ValueError) as e:
-            raise ProgramError(f"line {lineno}: {raw.strip()!r}: {e}") from None
+        except (IndexError, ValueError) as bad:
+            raise ProgramError(f"line {lineno}: {raw.strip()!r}: {bad}") from None
     for k, v in lists.items():
         if v:
             head[k] = tuple(v)
@@ -364,4 +364,5 @@ def _parse_step(op: Op, args: list[str]) -> Step:
             ints.append(x)
     if len(name.encode()) > MAX_NAME:
         raise ProgramError(f"subtree name longer than {MAX_NAME} bytes")
-    return Step(op, *ints, name=name) if ints else Step(op, name=name)
+    a, b, c, d, e = (*ints, 0, 0, 0, 0, 0)[:5]
+    return Step(op, a, b, c, d, e, name)

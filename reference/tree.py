@@ -152,15 +152,15 @@ class RadixTree:
             slot = (key >> shift) & self._slot_mask
             child = table.get(slot, 0)
             if not child:
-                child = self.arena.alloc()
-                if child is None:
+                fresh_phys = self.arena.alloc()
+                if fresh_phys is None:
                     # Unlinking the first new entry drops the whole new chain.
                     if first_link is not None:
                         del first_link[0][first_link[1]]
                     for phys in fresh:
                         self.arena.free(phys)
                     return -ENOMEM
-                table[slot] = child
+                child = table[slot] = fresh_phys
                 fresh.append(child)
                 first_link = first_link or (table, slot)
             table = self._node(child)
