@@ -32,8 +32,12 @@ setup: .apt-stamp $(BIN)/kho-conform
 check: setup
 	$(BIN)/kho-conform check --kernel 7.2 --fuzz-time 20 --out reports
 
+# The suite with the compiled reference model, then the model's own tests with the pure-Python one.
+MODEL_TESTS := tests/test_model_*.py tests/test_fdt.py tests/test_shortcuts.py tests/test_scenarios.py \
+	tests/test_compiled_model.py tests/test_corpus_replay.py
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	KHO_CONFORM_MODEL=python $(BIN)/python -m pytest -q -n 2 --dist loadfile $(MODEL_TESTS)
 
 bench: setup
 	$(BIN)/kho-conform bench --kernel 7.2

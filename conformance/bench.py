@@ -149,10 +149,11 @@ def measure_rates(b: Bench) -> dict:
     from reference import model
 
     from .compare.diff import compare
+    from .native.compiled_model import model_kind
 
     target = b.target()
     out = {}
-    table = Table(title=f"programs per second, one process — {b.source.version} ps{b.page_shift}")
+    table = Table(title=f"programs per second, one process — {b.source.version} ps{b.page_shift}, model {model_kind()}")
     for col in ("ops", "native kc_run", "binding", "model", "differential", "differential / native"):
         table.add_column(col, justify="right")
     for n_ops in FIXED_OPS:
@@ -204,8 +205,10 @@ def _stage_of(path: str) -> str:
 
 def _own_time_by_stage(stats: dict) -> dict[str, float]:
     out = dict.fromkeys([label for label, _ in _STAGES] + [_OTHER], 0.0)
-    for (path, _, _), (_, _, tt, _, callers) in stats.items():
-        if path == "~" and callers:  # a builtin: its time is its callers'
+    for (path, _, name), (_, _, tt, _, callers) in stats.items():
+        if path == "~" and "reference." in name:  # the compiled model: "<built-in method reference.model.run>"
+            out[_stage_of("reference/")] += tt
+        elif path == "~" and callers:  # a builtin: its time is its callers'
             for (cpath, _, _), (_, _, ctt, _) in callers.items():
                 out[_stage_of(cpath)] += ctt
         else:

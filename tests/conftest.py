@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+import conformance  # noqa: F401 - first: the compiled reference model, unless KHO_CONFORM_MODEL=python
 from reference.geometry import PAGE_SHIFTS  # noqa: F401 - the tests import it from here
 
 REPO = Path(__file__).resolve().parent.parent
