@@ -137,10 +137,11 @@ def _kernel_calls(target, program: Program) -> Callable[[], None]:
         return lambda: lib.kc_run(old, len(old), null, 0)
     nxt = pack_program(Program(program.header, program.steps[k:]))  # from its kexec on
     image = pack_image(target.native.run(program).image, 1 << program.header.page_shift)
+    buffer = FFI().from_buffer(image)
 
     def calls() -> None:
         lib.kc_run(old, len(old), null, 0)
-        lib.kc_run(nxt, len(nxt), image, len(image))
+        lib.kc_run(nxt, len(nxt), buffer, len(image))
 
     return calls
 

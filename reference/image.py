@@ -77,14 +77,35 @@ def scratch_entries(data: bytes) -> list[tuple[int, int]]:
     return [struct.unpack_from("<QQ", data, off) for off in range(0, len(data) - 15, 16)]
 
 
-def memory_pages(image: Image) -> dict[int, bytes]:
+class MemoryPages(Mapping[int, bytes]):
     """The old kernel's memory as the image holds it, page by page: every
-    page it has, with the FDT and the scratch descriptors (as the image
-    says they are) over whatever else the page held."""
-    pages: dict[int, bytes] = {**image.other_pages, **image.pages}
-    for phys, head in ((image.scratch_phys, image.scratch), (image.fdt_phys, image.fdt)):
-        pages[phys] = bytes(head) + bytes(pages.get(phys, b""))[len(head):]
-    return pages
+    page it has, with the scratch descriptors and then the FDT (as the image
+    says they are) over whatever else the page held. A page is built when
+    asked for, so an image of 10^6 keys is read one page at a time."""
+
+    def __init__(self, image: Image) -> None:
+        self._image = image
+        self._phys = {*image.other_pages, *image.pages, image.scratch_phys, image.fdt_phys}
+
+    def __getitem__(self, phys: int) -> bytes:
+        if phys not in self._phys:
+            raise KeyError(phys)
+        image = self._image
+        data = image.pages[phys] if phys in image.pages else image.other_pages.get(phys, b"")
+        for at, head in ((image.scratch_phys, image.scratch), (image.fdt_phys, image.fdt)):
+            if phys == at:
+                data = bytes(head) + bytes(data)[len(head):]
+        return data
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._phys)
+
+    def __len__(self) -> int:
+        return len(self._phys)
+
+
+def memory_pages(image: Image) -> MemoryPages:
+    return MemoryPages(image)
 
 
 class PageFault(Exception):

@@ -111,7 +111,9 @@ class NativeRuns:
     def restore(self, target: Target | Pair, image: Image, header: Header, steps: tuple[Step, ...]) -> Outcome:
         if self.own is not None and self.own[1] == steps and self.own[0] == image:
             return self.own[2]
-        key = hashlib.blake2b(pack_image(image, 1 << header.page_shift) + repr(steps).encode(), digest_size=16).digest()
+        h = hashlib.blake2b(pack_image(image, 1 << header.page_shift), digest_size=16)
+        h.update(repr(steps).encode())
+        key = h.digest()
         if key not in self.restores:
             self.restores[key] = target.next.native.restore(image, header, steps)
         return self.restores[key]

@@ -109,7 +109,7 @@ class NativeKernel:
         program = Program(header, (Step(Op.KEXEC), *steps))
         blob = pack_program(program)
         img = pack_image(image, self.page_size)
-        if self.lib.kc_run(blob, len(blob), img, len(img)):
+        if self.lib.kc_run(blob, len(blob), _ffi.from_buffer(img), len(img)):
             raise KhoConformError("the driver refused the program header")
         return self._outcome(header, len(program.steps), foreign=True)
 
