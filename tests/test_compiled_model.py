@@ -9,10 +9,13 @@ import pickle
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, child_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conformance.errors import KhoConformError
+from conformance.native import compiled_model
 from conformance.native.compiled_model import MODEL_ENV, model_kind
 from fuzz.decode import decode
 from reference import model, quirks
@@ -61,3 +64,22 @@ def test_compiled_and_pure_models_agree(inputs: list[bytes]):
                 for name in PROFILES for quirks in ((), QUIRKED)]
     here = [model.run(p, PROFILES[name], frozenset(quirks)) for p, name, quirks in programs]
     assert here == _in_other_model(programs)
+
+
+def test_a_failed_build_is_one_line_and_not_retried(tmp_path, monkeypatch, capsys):
+    """A model that mypyc cannot compile: pure Python after one line naming
+    why; the next run reads the failure instead of compiling again."""
+    source = tmp_path / "reference"
+    source.mkdir()
+    (source / "__init__.py").write_text("")
+    (source / "broken.py").write_text('count: int = "not a number"\n')
+    monkeypatch.setattr(compiled_model, "SOURCE", source)
+    monkeypatch.setenv("KHO_CONFORM_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(KhoConformError, match="compiling the reference model with mypyc failed: .*") as first:
+        compiled_model.build_compiled_model()
+    assert "\n" not in str(first.value)
+    monkeypatch.setattr(compiled_model, "supervised", None)  # compiling again would fail differently
+    with pytest.raises(KhoConformError, match="to try again") as again:
+        compiled_model.build_compiled_model()
+    assert str(first.value) in str(again.value)
+    assert not list((tmp_path / "cache" / "tmp").iterdir())  # the build's scratch directory is gone

@@ -55,8 +55,11 @@ def build_compiled_model() -> Path:
         where = cache_dir() / "model" / _digest()
     except importlib.metadata.PackageNotFoundError:
         raise KhoConformError("mypy is not installed; install it (pip install mypy) or set KHO_CONFORM_MODEL=python") from None
+    failed = where.with_name(where.name + ".failed")  # a build that failed is not tried on every run
     if (where / "reference").is_dir():
         return where
+    if failed.is_file():
+        raise KhoConformError(f"{failed.read_text().strip()} (delete {failed} to try again)")
     with locked() as root, temp_dir(root / "tmp", prefix="model-") as work:
         if (where / "reference").is_dir():  # built while we waited for the lock
             return where
@@ -69,7 +72,10 @@ def build_compiled_model() -> Path:
             output, _ = proc.communicate()
         if proc.returncode:
             last = (output.strip().splitlines() or ["?"])[-1]
-            raise KhoConformError(f"compiling the reference model with mypyc failed: {last[:300]}")
+            message = f"compiling the reference model with mypyc failed: {last[:300]}"
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            failed.write_text(message + "\n")
+            raise KhoConformError(message)
         built = work / "out"
         (built / "reference").mkdir(parents=True)
         for lib in work.glob("*.so"):  # the group library, found on sys.path
