@@ -56,7 +56,21 @@ from .keys import (
     x86_int_shift,
     x86_shl64,
 )
-from .outcome import E2BIG, EINVAL, ENOENT, ENOMEM, EOPNOTSUPP, ERANGE, SLOW_WORK, Image, NextBoot, OpResult, Outcome, TreeNode
+from .outcome import (
+    E2BIG,
+    EINVAL,
+    ENOENT,
+    ENOMEM,
+    EOPNOTSUPP,
+    ERANGE,
+    SLOW_FDT_VISITS,
+    SLOW_WORK,
+    Image,
+    NextBoot,
+    OpResult,
+    Outcome,
+    TreeNode,
+)
 from .profiles import Profile
 from .program import (
     AREA_MAPPED,
@@ -270,13 +284,17 @@ class OldKernel:
             kho_remove_subtree(self.fdt, self.geo.page_size, a)
             return OK
         if op == Op.FILL_FDT:
+            nodes = len(self.fdt.subnodes(0))
             for i in range(b):
                 index = (a + i) & U64
                 rc = kho_add_subtree(self.fdt, self.geo.page_size, filler_name(index, step.c),
                                      filler_blob(index, self.header.page_shift), index)
                 if rc:
-                    return OpResult(rc, i)
-            return OpResult(0, b)
+                    break
+            else:
+                i, rc = b, 0
+            visits = (i + 1) * nodes + i * (i + 1) // 2  # each add, the failing one too, walks the nodes there
+            return OpResult(rc, i, may_time_out=visits > SLOW_FDT_VISITS)
         if op in (Op.POKE_ARENA, Op.POKE_FDT):
             self.pokes.append(step)  # they corrupt the image at handover
             return OK

@@ -478,3 +478,15 @@ def test_fdt_parses_with_libfdt(shift, edits):
         assert struct.unpack("<Q", bytes(f.getprop(node, "blob-size")))[0] in (names[f.get_name(node)] >> 7, 73)
         node = f.next_subnode(node, quiet=[libfdt.NOTFOUND])
     assert names == expect
+
+
+@pytest.mark.parametrize("ps, count, slow", [(12, 2000, False), (14, 2000, False), (16, 200, False), (16, 300, True),
+                                             (16, 2000, True)])
+def test_long_fills_may_outlast_the_cpu_budget(ps, count, slow):
+    """Each subtree added walks the nodes already there: filling a 64 KiB
+    FDT to its 777 subtrees takes the fuzz flavor over a second (about 4 us
+    a node visit), so the model foresees a timeout past 2^15 visits; 4 KiB
+    and 16 KiB FDTs fill up (45, 192 subtrees) long before."""
+    o = run(parse_program(f"page_shift {ps}\n---\nfill_fdt 0 {count:#x} 32\n"), KHO_V4)
+    assert o.ops[0].may_time_out is slow
+    assert o.ops[0].value == {12: 45, 14: 192, 16: min(count, 777)}[ps]

@@ -29,7 +29,7 @@ from pathlib import Path
 import reference
 
 from ..errors import KhoConformError
-from ..processes import supervised, temp_dir
+from ..processes import exit_code, supervised, temp_dir
 from ..source.cache import cache_dir, locked
 
 MODEL_ENV = "KHO_CONFORM_MODEL"  # "python": the pure-Python model
@@ -99,6 +99,9 @@ def use_compiled_model() -> str:
     except KhoConformError as e:
         print(f"kho-conform: the reference model runs as pure Python: {e}", file=sys.stderr)
         return "python"
+    except KeyboardInterrupt as e:  # at import, before any command's own handling
+        print("kho-conform: interrupted while compiling the reference model; nothing was kept", file=sys.stderr)
+        raise SystemExit(exit_code(e)) from None
     sys.path.append(str(where))
     reference.__path__.insert(0, str(where / "reference"))
     return "compiled"
