@@ -104,10 +104,6 @@ class MemoryPages(Mapping[int, bytes]):
         return len(self._phys)
 
 
-def memory_pages(image: Image) -> MemoryPages:
-    return MemoryPages(image)
-
-
 class PageFault(Exception):
     """The next kernel read memory the old kernel never had: a fault."""
 
@@ -120,7 +116,7 @@ def memory_reader(image: Image, header: Header) -> Callable[[int], Words]:
     page_size = 1 << image.page_shift
     lo, hi = header.arena_range()
     lo, hi = lo << image.page_shift, hi << image.page_shift
-    pages = memory_pages(image)
+    pages = MemoryPages(image)
     cache: dict[int, Words] = {}
 
     def page(phys: int) -> bytes:

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from enum import IntEnum
 
 from reference.geometry import MAX_PAGE_ORDER
-from reference.image import memory_pages
+from reference.image import MemoryPages
 from reference.outcome import ERRNO, Image
 from reference.program import (
     ALLOC_SLOTS_OFFSET,
@@ -160,7 +160,7 @@ def pack_image(image: Image, page_size: int) -> bytearray:
     """A handover image made elsewhere, as the driver lays it into its arena:
     every page of the old kernel's memory it holds (tree pages, the rest of
     the arena, the scratch descriptors' page, the FDT page)."""
-    pages = memory_pages(image)
+    pages = MemoryPages(image)
     # One buffer, filled a page at a time: an image of 10^6 keys is 128 MiB.
     out = bytearray(IMAGE.size + len(pages) * (PAGE_PHYS.size + page_size))  # zeros: short pages padded
     IMAGE.pack_into(out, 0, image.fdt_phys, image.scratch_phys, len(image.scratch), len(pages), image.arena_hwm)
