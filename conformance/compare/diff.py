@@ -111,11 +111,12 @@ class NativeRuns:
     def restore(self, target: Target | Pair, image: Image, header: Header, steps: tuple[Step, ...]) -> Outcome:
         if self.own is not None and self.own[1] == steps and self.own[0] == image:
             return self.own[2]
-        h = hashlib.blake2b(pack_image(image, 1 << header.page_shift), digest_size=16)
+        packed = pack_image(image, 1 << header.page_shift)
+        h = hashlib.blake2b(packed, digest_size=16)
         h.update(repr(steps).encode())
         key = h.digest()
         if key not in self.restores:
-            self.restores[key] = target.next.native.restore(image, header, steps)
+            self.restores[key] = target.next.native.restore_packed(packed, header, steps)
         return self.restores[key]
 
     def ran(self, image: Image, steps: tuple[Step, ...], outcome: Outcome) -> None:
@@ -170,7 +171,14 @@ def _next_view(n: NextBoot | None) -> dict | None:
     return view
 
 
+def _state(o: Outcome, name: str) -> object:
+    """One field of the old kernel's state, exactly (node pages as words)."""
+    return tuple(n.canonical() for n in o.tree) if name == "tree" else getattr(o, name)
+
+
 def _old_view(o: Outcome) -> dict:
+    """The old kernel's state, its node pages hashed: the bisection keeps
+    one per prefix of the program."""
     return {
         "tree": tuple(n.canonical() for n in o.tree),
         "node_pages": {p: hashlib.blake2b(o.node_pages[p], digest_size=8).hexdigest() for p in o.node_pages},
@@ -270,11 +278,10 @@ def _diff(program: Program, exp: Outcome, act: Outcome, target: Target | Pair, c
         break  # later ops usually differ because of this one: keep the first
     if cut and (act.image is None or exp.image is None):
         return out  # cut short in the old kernel: no state at kexec to compare
-    ev, av = _old_view(exp), _old_view(act)
     kexec = program.kexec_index()
     state_at = kexec if kexec is not None else len(steps) - 1
     for name in ("tree", "node_pages", "fdt"):
-        if ev[name] != av[name]:
+        if _state(exp, name) != _state(act, name):
             e, a = _first_difference(name, exp, act)
             add(name, _first_state_op(program, target, name, state_at, cmp) if cmp.located else state_at, e[0], e[1], a)
     en, an = _next_view(exp.next), _next_view(act.next)

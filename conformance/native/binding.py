@@ -106,9 +106,12 @@ class NativeKernel:
     def restore(self, image: Image, header: Header, steps: tuple[Step, ...]) -> Outcome:
         """Boot the next kernel from an image made elsewhere, then run the
         (next-kernel) steps. The outcome's ops[0] is the kexec."""
+        return self.restore_packed(pack_image(image, self.page_size), header, steps)
+
+    def restore_packed(self, img: bytes | bytearray, header: Header, steps: tuple[Step, ...]) -> Outcome:
+        """``restore`` of an image already packed (``contract.pack_image``)."""
         program = Program(header, (Step(Op.KEXEC), *steps))
         blob = pack_program(program)
-        img = pack_image(image, self.page_size)
         if self.lib.kc_run(blob, len(blob), _ffi.from_buffer(img), len(img)):
             raise KhoConformError("the driver refused the program header")
         return self._outcome(header, len(program.steps), foreign=True)
