@@ -130,14 +130,15 @@ def _kernel_calls(target, program: Program) -> Callable[[], None]:
 
     from .native.contract import pack_image, pack_program
 
-    lib, null = target.native.lib, FFI().NULL
-    old = pack_program(program)
+    ffi = FFI()
+    lib, null = target.native.lib, ffi.NULL
+    old = ffi.from_buffer(pack_program(program))
     k = program.kexec_index()
     if k is None:
         return lambda: lib.kc_run(old, len(old), null, 0)
-    nxt = pack_program(Program(program.header, program.steps[k:]))  # from its kexec on
+    nxt = ffi.from_buffer(pack_program(Program(program.header, program.steps[k:])))  # from its kexec on
     image = pack_image(target.native.run(program).image, 1 << program.header.page_shift)
-    buffer = FFI().from_buffer(image)
+    buffer = ffi.from_buffer(image)
 
     def calls() -> None:
         lib.kc_run(old, len(old), null, 0)

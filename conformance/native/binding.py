@@ -84,7 +84,7 @@ class NativeKernel:
         if program.header.page_shift != self.page_shift:
             raise KhoConformError(f"program is for page shift {program.header.page_shift}, library for {self.page_shift}")
         blob = pack_program(program)
-        if self.lib.kc_run(blob, len(blob), _ffi.NULL, 0):
+        if self.lib.kc_run(_ffi.from_buffer(blob), len(blob), _ffi.NULL, 0):
             raise KhoConformError("the driver refused the program header")
         return self._outcome(program.header, len(program.steps), foreign=False)
 
@@ -112,7 +112,7 @@ class NativeKernel:
         """``restore`` of an image already packed (``contract.pack_image``)."""
         program = Program(header, (Step(Op.KEXEC), *steps))
         blob = pack_program(program)
-        if self.lib.kc_run(blob, len(blob), _ffi.from_buffer(img), len(img)):
+        if self.lib.kc_run(_ffi.from_buffer(blob), len(blob), _ffi.from_buffer(img), len(img)):
             raise KhoConformError("the driver refused the program header")
         return self._outcome(header, len(program.steps), foreign=True)
 
