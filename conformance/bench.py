@@ -254,19 +254,35 @@ def measure_breakdown(b: Bench) -> dict:
     return out
 
 
+# ``fuzz --jobs 1`` and ``--jobs 2``, alternated: how many programs a run
+# compares depends on how many inputs that keep the kernel at its CPU
+# budget it happens on (each costs about a hundred ordinary ones), so one
+# pair of runs can put the ratio anywhere from below 1x to over 3x.
+JOBS_ROUNDS = 2
+# Beyond this, two cores cannot have done it: the runs varied more than
+# they scaled, and the ratio tells nothing.
+JOBS_PLAUSIBLE = 2.4
+
+
 def measure_harness(b: Bench) -> dict:
     """The atheris entry point in the fuzz flavor: libFuzzer's own count in
-    one process (no fork: one core), then ``fuzz`` with 1 and 2 jobs."""
+    one process (no fork: one core), then ``fuzz`` with 1 and 2 jobs,
+    ``JOBS_ROUNDS`` times each, alternated, from the seeds."""
     from fuzz.runner import run_entry, run_fuzz
 
     seconds = 10 if b.quick else 30
     with temp_dir(prefix="kho-bench-") as tmp:  # removed even if bench is killed
         one = run_entry(b.source, b.page_shift, corpus_dir=tmp / "corpus", crashes_dir=tmp / "crashes", seconds=seconds)
-        jobs = {}
-        for n in (1, 2):
-            stats = run_fuzz(source=b.source, page_shift=b.page_shift, corpus_dir=tmp / f"corpus-{n}", jobs=n,
-                             seconds=seconds, crashes_dir=tmp / "crashes", live=False, return_on_interrupt=False)
-            jobs[str(n)] = {"execs": stats.execs, "seconds": stats.seconds, "exec_per_s": stats.mean_exec_per_s}
+        runs: dict[str, list[int]] = {"1": [], "2": []}
+        spent = {"1": 0.0, "2": 0.0}
+        for rnd in range(JOBS_ROUNDS):
+            for n in (1, 2):
+                stats = run_fuzz(source=b.source, page_shift=b.page_shift, corpus_dir=tmp / f"corpus-{n}-{rnd}", jobs=n,
+                                 seconds=seconds, crashes_dir=tmp / "crashes", live=False, return_on_interrupt=False)
+                runs[str(n)].append(stats.execs)
+                spent[str(n)] += stats.seconds
+    jobs = {n: {"execs": sum(r), "runs": r, "seconds": spent[n], "exec_per_s": sum(r) / spent[n] if spent[n] else 0.0}
+            for n, r in runs.items()}
     out = {"one_process": {"execs": one.execs, "seconds": one.seconds, "exec_per_s": one.exec_per_s},
            "fuzz_jobs": jobs, "jobs_2_over_1": jobs["2"]["execs"] / jobs["1"]["execs"] if jobs["1"]["execs"] else 0.0}
     table = Table(title=f"atheris entry point, fuzz flavor (native coverage, ASan+UBSan), {seconds} s each")
@@ -274,7 +290,8 @@ def measure_harness(b: Bench) -> dict:
         table.add_column(col, justify="right")
     table.add_row("one libFuzzer process", f"{one.execs:,}", f"{one.exec_per_s:,.0f}")
     for n, r in jobs.items():
-        table.add_row(f"kho-conform fuzz --jobs {n}", f"{r['execs']:,}", f"{r['exec_per_s']:,.0f}")
+        each = " + ".join(f"{x:,}" for x in r["runs"])
+        table.add_row(f"kho-conform fuzz --jobs {n}, {JOBS_ROUNDS} runs", each, f"{r['exec_per_s']:,.0f}")
     b.console.print(table)
     b.console.print(f"fuzz --jobs 2 / --jobs 1: {out['jobs_2_over_1']:.2f}x the programs", highlight=False)
     return out
@@ -362,7 +379,8 @@ def _target_rows(results: dict) -> list[tuple[str, str, str, bool | None]]:
         rate = harness["one_process"]["exec_per_s"]
         rows.append(("atheris harness, fuzz flavor, one core", ">= 1,500/s", f"{rate:,.0f}/s", rate >= 1500))
         scale = harness["jobs_2_over_1"]
-        rows.append(("fuzz --jobs 2 / --jobs 1", "close to 2x", f"{scale:.2f}x", scale >= 1.8))
+        rows.append(("fuzz --jobs 2 / --jobs 1", "close to 2x", f"{scale:.2f}x",
+                     None if scale > JOBS_PLAUSIBLE else scale >= 1.8))
     big = results.get("scattered", {}).get(str(10**6))
     if big:
         for side, secs, mib in (("model", 3, 300), ("c", 1, 400)):
@@ -379,7 +397,8 @@ def measure_targets(b: Bench) -> dict:
     for col in ("target", "goal", "measured", "met"):
         table.add_column(col, justify="right" if col != "target" else "left")
     for name, goal, got, met in rows:
-        table.add_row(name, goal, got, "yes" if met else "no")
+        table.add_row(name, goal, got, "unclear: the runs varied more than they scaled" if met is None
+                      else "yes" if met else "no")
     b.console.print(table)
     return {name: {"goal": goal, "measured": got, "met": met} for name, goal, got, met in rows}
 
