@@ -180,7 +180,7 @@ def _old_view(o: Outcome) -> dict:
     """The old kernel's state, its node pages hashed: the bisection keeps
     one per prefix of the program."""
     return {
-        "tree": tuple(n.canonical() for n in o.tree),
+        "tree": _state(o, "tree"),
         "node_pages": {p: hashlib.blake2b(o.node_pages[p], digest_size=8).hexdigest() for p in o.node_pages},
         "fdt": o.fdt.hex(),
     }
@@ -202,7 +202,7 @@ def _view(o: Outcome) -> dict:
     it is (node pages as words), not hashed: equal is exact and cheaper."""
     return {
         "boot": _op_view(o.boot), "ops": [_op_view(r) for r in o.ops],
-        "tree": tuple(n.canonical() for n in o.tree), "node_pages": o.node_pages, "fdt": o.fdt,
+        "tree": _state(o, "tree"), "node_pages": o.node_pages, "fdt": o.fdt,
         "next": _next_view(o.next), "events": _events_view(o), "reports": [r.site for r in o.reports],
     }
 

@@ -142,7 +142,7 @@ _BOUNDED = frozenset(op for op, names in OPERANDS.items() if set(names) & BOUNDS
 def pack_program(p: Program) -> bytearray:
     """The binary form the driver's ``kc_run`` reads."""
     h = p.header
-    # One buffer, filled a step at a time: a program of 10^6 steps is 80 MiB.
+    # One buffer, filled a step at a time: a program of 10^6 steps is 107 MiB.
     out = bytearray(HEADER.size + STEP.size * len(p.steps))
     HEADER.pack_into(out, 0, h.page_shift, len(h.ram), len(h.numa), len(h.scratch), h.fail_alloc, h.arena_pages,
                      *_pairs(h.ram, MAX_RAM_RANGES), *_pairs(h.numa, MAX_NUMA_RANGES), *_pairs(h.scratch, MAX_SCRATCH))
