@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import struct
 
+from . import shortcuts
+
 FDT_MAGIC = 0xD00DFEED
 FDT_SW_MAGIC = 0x2FF20112  # ~FDT_MAGIC: an unfinished sequential-write tree
 FDT_BEGIN_NODE, FDT_END_NODE, FDT_PROP, FDT_NOP, FDT_END = 1, 2, 3, 4, 9
@@ -50,6 +52,7 @@ RSV_ENTRY = 16  # one memory-reservation entry: u64 address, u64 size
 SW_HEADER_SIZE = 48  # fdt_create rounds the header up to a reservation entry
 INT_MAX = 0x7FFFFFFF
 _BE32, _HEADER = struct.Struct(">I"), struct.Struct(">10I")
+_PROP_HEAD = struct.Struct(">III")  # tag, value length, name offset
 U32 = 0xFFFFFFFF
 
 PROP_COMPATIBLE = "compatible"
@@ -356,6 +359,55 @@ class Fdt:
 
     def _find_prop(self, node: int, name: bytes) -> tuple[int, int]:
         """(property offset, value length), or (error, error)."""
+        found = self._prop_scan(node, name)
+        return self._prop_walk(node, name) if found is None else found
+
+    def _prop_scan(self, node: int, name: bytes) -> tuple[int, int] | None:
+        """_find_prop in one loop over a well-formed node of a v17+ tree
+        whose structure and strings blocks lie inside the buffer (every
+        lookup the kernel makes, but after a poke). None on anything else
+        (a tag, length, name or string offset libfdt would reject or not
+        find): then ``_prop_walk`` answers. Reads only."""
+        buf = self.buf
+        if len(buf) < HEADER_SIZE:
+            return None
+        magic, total, base, strs, _, version, last_comp, _, str_size, st_size = _HEADER.unpack_from(buf)
+        limit = min(total - base, st_size)
+        if (magic != FDT_MAGIC or version < 17 or last_comp > 17 or total >= INT_MAX or node < 0 or node % 4
+                or limit < 0 or base + limit > len(buf) or strs + str_size > min(total, len(buf))):
+            return None
+        unpack, end = _BE32.unpack_from, base + limit
+        if node + 4 > limit or unpack(buf, base + node)[0] != FDT_BEGIN_NODE:
+            return None
+        nul = buf.find(0, base + node + 4, end)
+        off = _align4(nul - base + 1)
+        if nul < 0 or off > limit:
+            return None
+        while off + 4 <= limit:
+            tag = unpack(buf, base + off)[0]
+            if tag == FDT_NOP:
+                off += 4
+                continue
+            if tag == FDT_END_NODE:
+                return -FDT_ERR_NOTFOUND, -FDT_ERR_NOTFOUND
+            if tag == FDT_BEGIN_NODE:  # a child before any (further) property
+                nul = buf.find(0, base + off + 4, end)
+                ok = nul >= 0 and _align4(nul - base + 1) <= limit
+                return (-FDT_ERR_NOTFOUND, -FDT_ERR_NOTFOUND) if ok else None
+            if tag != FDT_PROP or off + 12 > limit:
+                return None
+            n, nameoff = unpack(buf, base + off + 4)[0], _s32(unpack(buf, base + off + 8)[0])
+            if n + off + 4 >= INT_MAX or off + 12 + n > limit or not 0 <= nameoff < str_size:
+                return None
+            start = strs + nameoff  # inside the strings block, which ends inside totalsize
+            nul = buf.find(0, start, strs + str_size)
+            if nul >= 0 and buf[start:nul] == name:
+                return off, _s32(n)
+            off = _align4(off + 12 + n)
+        return None
+
+    def _prop_walk(self, node: int, name: bytes) -> tuple[int, int]:
+        """_find_prop the long way, a tag at a time as libfdt reads."""
         off = self._check_tag(node, FDT_BEGIN_NODE)
         off = self._next_prop(off) if off >= 0 else off
         base = self._u32(OFF_DT_STRUCT)
@@ -798,6 +850,10 @@ def kho_root_fdt(page_size: int, compatible: str, root_phys: int) -> Fdt:
 
 def kho_add_subtree(fdt: Fdt, page_size: int, name: str | bytes, phys: int, size: int) -> int:
     """The kernel's add-subtree sequence: 0, -EEXIST or -ENOMEM."""
+    if shortcuts.ENABLED:
+        rc = _add_subtree_packed(fdt, page_size, _cstr(name), phys, size)
+        if rc is not None:
+            return rc
     if fdt.open_into(page_size):
         return -ENOMEM
     off = fdt.add_subnode(0, name)
@@ -809,6 +865,62 @@ def kho_add_subtree(fdt: Fdt, page_size: int, name: str | bytes, phys: int, size
         fdt.pack()
         return -ENOMEM
     fdt.pack()
+    return 0
+
+
+def _add_subtree_packed(fdt: Fdt, page_size: int, name: bytes, phys: int, size: int) -> int | None:
+    """``kho_add_subtree`` on a packed page-sized tree (header, one empty
+    reservation entry, structure, strings, back to back: every KHO FDT
+    until a poke), when the new node and its two properties fit: the bytes
+    the long way leaves, written at once. None: any other tree (the long
+    way answers).
+
+    The long way, on such a tree: ``open_into`` changes only totalsize,
+    which ``pack`` sets back; the node goes in after the root's properties;
+    each ``setprop`` finds no property of that name in the new node, adds
+    the name to the strings unless its bytes are there, and inserts its
+    property first; every splice moves the rest of the data up, so the
+    bytes past the final end are the old ones."""
+    buf = fdt.buf
+    if len(buf) != page_size or page_size < SW_HEADER_SIZE + RSV_ENTRY:
+        return None
+    magic, total, st_off, str_off, rsv_off, version, last_comp, _, str_size, st_size = _HEADER.unpack_from(buf)
+    if (magic != FDT_MAGIC or version != 17 or last_comp > 17 or rsv_off != HEADER_SIZE
+            or st_off != HEADER_SIZE + RSV_ENTRY or str_off != st_off + st_size or total != str_off + str_size
+            or total > page_size or any(buf[rsv_off + 8 : rsv_off + RSV_ENTRY])):
+        return None
+    found = fdt.subnode_offset(0, name)
+    if found != -FDT_ERR_NOTFOUND:  # add_subnode failed: pack leaves the page as it was
+        return -EEXIST if found >= 0 else -ENOMEM
+    tag, nxt = fdt._next_tag(0)
+    if tag != FDT_BEGIN_NODE:
+        return -ENOMEM  # FDT_ERR_INTERNAL, and the page as it was
+    while True:  # the root's properties: the new node goes after them
+        at = nxt
+        tag, nxt = fdt._next_tag(at)
+        if tag not in (FDT_PROP, FDT_NOP):
+            break
+    strings = bytearray(buf[str_off:total])
+    names: list[int] = []
+    for prop in (PROP_DATA, PROP_SIZE):  # setprop's order
+        want = prop.encode() + b"\0"
+        hit = strings.find(want)
+        names.append(hit if hit >= 0 else len(strings))
+        if hit < 0:
+            strings += want
+    namelen = _align4(len(name) + 1)
+    node = b"".join((_BE32.pack(FDT_BEGIN_NODE), name.ljust(namelen, b"\0"),
+                     _PROP_HEAD.pack(FDT_PROP, 8, names[1]), _u64(size),
+                     _PROP_HEAD.pack(FDT_PROP, 8, names[0]), _u64(phys), _BE32.pack(FDT_END_NODE)))
+    end = total + len(node) + len(strings) - str_size
+    if end > page_size:
+        return None  # no room: the long way's failure paths
+    structure = bytes(buf[st_off : st_off + at]) + node + bytes(buf[st_off + at : str_off])
+    buf[st_off:end] = structure + strings
+    new_st = st_size + len(node)
+    for field, v in ((TOTALSIZE, end), (OFF_DT_STRINGS, st_off + new_st), (SIZE_DT_STRINGS, len(strings)),
+                     (SIZE_DT_STRUCT, new_st)):
+        _BE32.pack_into(buf, field, v)
     return 0
 
 

@@ -350,3 +350,46 @@ def test_subnode_scan_is_the_walk(names, nested, pokes, version, queries, parent
             if fast is not None:
                 assert fast == slow and not m.out_of_bounds, (at, want)
             event("scan answered" if fast is not None else "walked")
+
+
+@settings(max_examples=300, deadline=None)
+@given(names=st.lists(NAMES, max_size=5, unique=True), props=st.lists(
+    st.tuples(st.integers(0, 5), st.sampled_from(["v", "preserved-data", "blob-size", "compatible", "data"]),
+              st.binary(max_size=20)), max_size=5), pokes=st.lists(
+    st.tuples(st.integers(0, 39) | st.integers(40, 700), st.integers(0, 255)), max_size=3),
+    version=st.sampled_from((None, 1, 15, 16, 17, 18)), nop=st.integers(0, 8),
+    node=st.sampled_from((-4, 2, 601)) | st.integers(0, 150).map(lambda i: 4 * i))
+def test_prop_scan_is_the_walk(names, props, pokes, version, nop, node) -> None:
+    """_find_prop's one-loop scan answers only what the tag-by-tag walk
+    answers, on nodes with several properties, NOPs and children, with
+    other versions and corrupted bytes; and it answers on the kernel's trees."""
+    m, _ = build(4096, names)
+    assert m.open_into(4096) == 0
+    for i, name, value in props:
+        nodes = [0, *m.subnodes(0)]
+        assert m.setprop(nodes[i % len(nodes)], name, value) == 0
+    if m.subnodes(0):
+        assert m.add_subnode(m.subnodes(0)[0], "child") >= 0
+    tags, off = [], 0  # every tag of the tree as built
+    while off >= 0:
+        tags.append(off)
+        off = m._next_tag(off)[1]
+    base = m._u32(F.OFF_DT_STRUCT)
+    found = [(a, b) for a, b in zip(tags, tags[1:]) if m._u32(base + a) == F.FDT_PROP]
+    if found:  # fdt_nop_property: a property's words become NOPs
+        a, b = found[nop % len(found)]
+        m.buf[base + a : base + b] = struct.pack(">I", F.FDT_NOP) * ((b - a) // 4)
+    clean = not pokes and version is None
+    for off, v in pokes:
+        m.buf[off] = v
+    if version is not None:
+        struct.pack_into(">I", m.buf, 20, version)
+    for at in {node, *tags}:
+        for want in ("v", "preserved-data", "blob-size", "compatible", "preserved-memory-map", "x", "", "data"):
+            fast = m._prop_scan(at, want.encode())
+            slow = m._prop_walk(at, want.encode())
+            if clean and at in (0, *m.subnodes(0)):
+                assert fast is not None  # a well-formed tree never takes the long way
+            if fast is not None:
+                assert fast == slow and not m.out_of_bounds, (at, want)
+            event("scan answered" if fast is not None else "walked")

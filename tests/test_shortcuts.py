@@ -19,6 +19,7 @@ from conformance.compare.triage import screen, triage
 from fuzz.decode import decode
 from fuzz.findings import iter_findings
 from reference import model, quirks, shortcuts
+from reference.fdt import Fdt, kho_add_subtree, kho_remove_subtree, kho_root_fdt
 from reference.keys import NUMA_ENDPOINTS, NUMA_INSIDE, one_block, range_blocks
 from reference.profiles import PROFILES
 from reference.program import AREA_ALLOC, AREA_HUGE, Header, Op, Program, Step, parse_program
@@ -162,3 +163,36 @@ def test_vmalloc_runs_same_with_and_without_shortcuts(areas, pages, unpreserve, 
     for step, r in zip(steps, outcomes[1].ops):
         if step.op in (Op.PRESERVE_VMALLOC, Op.UNPRESERVE_VMALLOC):
             event(f"{step.op.name.lower()} rc {r.rc}" + (" warned" if r.warnings else ""))
+
+
+FDT_NAMES = st.one_of(st.sampled_from(["foo", "foo@1", "bar", "", "@", "preserved-data", "blob-size", "n" * 63]),
+                      st.text(alphabet="ab@1-", max_size=8))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(page=st.sampled_from((4096, 4096, 16384)), fill=st.integers(0, 120), width=st.integers(0, 63),
+       removes=st.lists(st.integers(0, 120), max_size=6),
+       pokes=st.lists(st.tuples(st.integers(0, 200) | st.integers(0, 4095), st.integers(0, 255)), max_size=2),
+       adds=st.lists(st.tuples(FDT_NAMES, st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)), min_size=1, max_size=4))
+def test_fdt_add_subtree_same_with_and_without_shortcuts(page, fill, width, removes, pokes, adds, monkeypatch):
+    """kho_add_subtree written at once on a packed tree is the long way's
+    page, byte for byte (past the tree's end too), return code and
+    out-of-bounds flag: on trees filled to no room, with holes from
+    removes, with a poked byte (header, reservation map, structure), with
+    names already there and names of the properties themselves."""
+    monkeypatch.setattr(shortcuts, "ENABLED", False)
+    start = kho_root_fdt(page, "kho-v1", 0x1000)
+    for i in range(fill):
+        kho_add_subtree(start, page, f"{i}".rjust(width, "s"), i, i)
+    for i in removes:
+        kho_remove_subtree(start, page, i)
+    for off, v in pokes:
+        start.buf[off] = v
+    results = []
+    for enabled in (False, True):
+        monkeypatch.setattr(shortcuts, "ENABLED", enabled)
+        fdt = Fdt(bytearray(start.buf))
+        rcs = [kho_add_subtree(fdt, page, name, phys, size) for name, phys, size in adds]
+        results.append((rcs, bytes(fdt.buf), fdt.out_of_bounds))
+    assert results[0] == results[1]
+    event(f"rcs {sorted(set(results[1][0]))}" + (" poked" if pokes else ""))
