@@ -611,7 +611,7 @@ class OldKernel:
         if not self.enabled:
             return Snapshot()
         assert self.tree is not None and self.fdt is not None
-        visits = list(self.tree.nodes())  # pre-order, ascending slots: sorted by path
+        visits = self.tree.nodes()  # pre-order, ascending slots: sorted by path
         tree = tuple(
             TreeNode(v.path, v.level, v.phys, tuple(sorted(v.words)) if v.level else tuple(leaf_bits(v.words)))
             for v in visits
@@ -878,7 +878,7 @@ def handover(image: Image, header: Header, profile: Profile,
             raise KernelRunaway(str(loop)) from None
     else:
         try:
-            visits = list(traverse(root, geo, page_reader(image), strict=True))
+            visits = traverse(root, geo, page_reader(image), strict=True)
         except TreeError as refused:  # a name of its own: compiled, "e" would keep the type it has above
             return reject(str(refused))
         events = [e for v in visits for e in ((True, v.phys), *(() if v.level else ((False, v.base | b) for b in leaf_bits(v.words))))]

@@ -61,7 +61,7 @@ class Visit:
     base: int  # key bits contributed by the path
 
 
-def traverse(root: int, geo: Geometry, page_of: PageOf, strict: bool) -> Iterator[Visit]:
+def traverse(root: int, geo: Geometry, page_of: PageOf, strict: bool) -> list[Visit]:
     """Nodes depth first, ascending slot order, a node before its children (so
     leaves come in ascending key order).
 
@@ -69,18 +69,21 @@ def traverse(root: int, geo: Geometry, page_of: PageOf, strict: bool) -> Iterato
     a page reached twice, raises TreeError. Lenient (capturing the old
     kernel's state): such entries are listed in their table but not followed.
     """
-    seen: set[int] = set()
+    out: list[Visit] = []
     words = page_of(root)
     if words is None:
         if strict:
             raise TreeError("tree root not in the image")
-        return
-    seen.add(root)
+        return out
+    seen = {root}
 
-    def visit(path: tuple[int, ...], level: int, phys: int, words: Mapping[int, int], base: int) -> Iterator[Visit]:
-        yield Visit(path, level, phys, words, base)
+    # A list, not nested generators: each visit would pass through one
+    # generator per level above it.
+    def visit(path: tuple[int, ...], level: int, phys: int, words: Mapping[int, int], base: int) -> None:
+        out.append(Visit(path, level, phys, words, base))
         if level == 0:
             return
+        shift = geo.shift(level)
         for slot in sorted(words):
             child = words[slot]
             child_words = page_of(child)
@@ -89,9 +92,10 @@ def traverse(root: int, geo: Geometry, page_of: PageOf, strict: bool) -> Iterato
                     raise TreeError("tree pointer outside RAM" if child_words is None else "tree loop")
                 continue
             seen.add(child)
-            yield from visit((*path, slot), level - 1, child, child_words, base | (slot << geo.shift(level)))
+            visit((*path, slot), level - 1, child, child_words, base | (slot << shift))
 
-    yield from visit((), geo.root_level, root, words, 0)
+    visit((), geo.root_level, root, words, 0)
+    return out
 
 
 class RadixTree:
@@ -219,7 +223,7 @@ class RadixTree:
                 _set_bits(leaf, first & self._bit_mask, n, False)
         return absent
 
-    def nodes(self) -> Iterator[Visit]:
+    def nodes(self) -> list[Visit]:
         """The tree as memory shows it (after pokes, wherever entries point)."""
         return traverse(self.root, self.geo, self.arena.read, strict=False)
 
