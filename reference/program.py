@@ -217,8 +217,13 @@ class Header:
         return first, first + self.arena_pages
 
     def is_ram(self, pfn: int) -> bool:
-        lo, hi = self.arena_range()
-        return lo <= pfn < hi or any(s <= pfn < e for s, e in self.ram)
+        first = ARENA_BASE_PHYS >> self.page_shift
+        if first <= pfn < first + self.arena_pages:
+            return True
+        for start, end in self.ram:  # a loop: this module is not compiled, and the model asks per page
+            if start <= pfn < end:
+                return True
+        return False
 
     def all_ram(self, pfn: int, n: int) -> bool:
         """Every pfn of [pfn, pfn + n) is RAM (the ranges may abut)."""
