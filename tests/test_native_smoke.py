@@ -291,7 +291,7 @@ def test_the_next_kernel_boots_from_the_image_alone(series, native_for):
     h = native_for(series, 12)
     program = parse_program("page_shift 12\n---\npreserve_folio 0x1000 3\nkexec\nrestore_folio 0x1000000\n"
                             "restore_folio 0x1000000\n")
-    old = h._run_old(program)
+    old, _ = h._run_old(program)
     assert old.ops[0].rc == 0 and [r.rc for r in old.ops[1:]] == [NOT_RUN] * 3  # nothing after kexec ran
     assert old.image is not None and old.next is None
     whole, nxt = h.run_parts(program)

@@ -16,6 +16,7 @@ from conformance.bench import fixed_program
 from conformance.compare.diff import compare
 from conformance.compare.target import target_for
 from conformance.compare.triage import screen, triage
+from conformance.native.contract import pack_image, pack_memory
 from fuzz.decode import decode
 from fuzz.findings import iter_findings
 from reference import model, quirks, shortcuts
@@ -163,6 +164,41 @@ def test_vmalloc_runs_same_with_and_without_shortcuts(areas, pages, unpreserve, 
     for step, r in zip(steps, outcomes[1].ops):
         if step.op in (Op.PRESERVE_VMALLOC, Op.UNPRESERVE_VMALLOC):
             event(f"{step.op.name.lower()} rc {r.rc}" + (" warned" if r.warnings else ""))
+
+
+
+def _packed_both_ways(programs: list[Program]) -> int:
+    """The old kernel's image packed from its pages in memory is the image
+    packed from its Outcome (pack_image), byte for byte: how many images."""
+    kernel = _target().native
+    images = 0
+    for program in programs:
+        old, memory = kernel._run_old(program)
+        if old.image is not None:
+            image = old.image
+            assert pack_memory(image.fdt_phys, image.scratch_phys, len(image.scratch), image.arena_hwm, memory,
+                               kernel.page_size) == pack_image(image, kernel.page_size), program.text()
+            images += 1
+    return images
+
+
+def test_native_image_packed_from_memory():
+    """Over the seeds, the saved findings and programs whose images hold a
+    zero tree page (a leaf emptied), pokes into tree and free pages, and a
+    corrupted FDT."""
+    programs = [decode(p.read_bytes(), PAGE_SHIFT) for p in SEEDS]
+    programs += [parse_program((p / "program.txt").read_text()) for p in FINDINGS]
+    programs += [parse_program("page_shift 12\n---\nkexec\n"),
+                 parse_program("page_shift 12\n---\npreserve_folio 0x1000 0\nunpreserve_folio 0x1000 0\n"
+                               "poke_arena 1 0 0\npoke_arena 40 3 7\nkexec\n"),
+                 parse_program("page_shift 12\n---\npreserve_folio 0x1000 0\npoke_fdt 0 0\nkexec\n")]
+    assert _packed_both_ways(programs) > len(SEEDS) // 2
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.lists(st.binary(min_size=8, max_size=512), min_size=1, max_size=5))
+def test_native_image_packed_from_memory_fuzz_inputs(data: list[bytes]):
+    _packed_both_ways([decode(d, PAGE_SHIFT) for d in data])
 
 
 FDT_NAMES = st.one_of(st.sampled_from(["foo", "foo@1", "bar", "", "@", "preserved-data", "blob-size", "n" * 63]),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cffi import FFI
 
+from reference import shortcuts
 from reference.arena import words_from_bytes
 from reference.fdt import Fdt
 from reference.geometry import geometry
@@ -25,7 +26,7 @@ from reference.tree import leaf_bits, traverse
 from ..errors import KhoConformError
 from ..source.tree_files import KHO_C
 from .build import SANITIZED_FLAVORS, Build, line_hash
-from .contract import OP_BOOT, REC, Memblock, Rec, cdef, pack_image, pack_program
+from .contract import OP_BOOT, REC, Memblock, Rec, cdef, pack_image, pack_memory, pack_program
 from .sanitizer import symbolize
 
 _ffi = FFI()
@@ -66,11 +67,17 @@ class NativeKernel:
         which leaves the handover image; the next kernel boots from that
         image as from any other (``restore``). So the next kernel knows only
         what crossed kexec, be it this build's or another version's."""
-        old = self._run_old(program)
+        old, memory = self._run_old(program)
         k = program.kexec_index()
         if k is None or old.image is None or old.ops[k].rc != NOT_RUN:
             return old, None  # no kexec, the old kernel was cut short before it, or KHO is disabled (it ran on)
-        new = (next_kernel or self).restore(old.image, program.header, program.steps[k + 1 :])
+        image = old.image
+        if shortcuts.ENABLED:  # its pages as they lie in memory, not rebuilt from the image's words
+            packed = pack_memory(image.fdt_phys, image.scratch_phys, len(image.scratch), image.arena_hwm, memory,
+                                 self.page_size)
+        else:
+            packed = pack_image(image, self.page_size)
+        new = (next_kernel or self).restore_packed(packed, program.header, program.steps[k + 1 :])
         return replace(
             old, ops=old.ops[:k] + new.ops, next=new.next,
             events=old.events + new.events, event_ops=old.event_ops + tuple(k + (at or 0) for at in new.event_ops),
@@ -78,9 +85,10 @@ class NativeKernel:
             log=old.log + new.log,
         ), new
 
-    def _run_old(self, program: Program) -> Outcome:
+    def _run_old(self, program: Program) -> tuple[Outcome, dict[int, memoryview | bytes]]:
         """The old kernel's run: up to and including its kexec, which records
-        the image and ends the run (the ops after it are NOT_RUN)."""
+        the image and ends the run (the ops after it are NOT_RUN); and the
+        pages its image holds, read in place (valid until the next run)."""
         if program.header.page_shift != self.page_shift:
             raise KhoConformError(f"program is for page shift {program.header.page_shift}, library for {self.page_shift}")
         blob = pack_program(program)
@@ -114,9 +122,9 @@ class NativeKernel:
         blob = pack_program(program)
         if self.lib.kc_run(_ffi.from_buffer(blob), len(blob), _ffi.from_buffer(img), len(img)):
             raise KhoConformError("the driver refused the program header")
-        return self._outcome(header, len(program.steps), foreign=True)
+        return self._outcome(header, len(program.steps), foreign=True)[0]
 
-    def _outcome(self, header: Header, nsteps: int, foreign: bool) -> Outcome:
+    def _outcome(self, header: Header, nsteps: int, foreign: bool) -> tuple[Outcome, dict[int, memoryview | bytes]]:
         n = _ffi.new("unsigned long *")
         recs = self.lib.kc_records(n)
         # Read the C array in place, one record at a time: a program of 10^6
@@ -176,13 +184,14 @@ class NativeKernel:
                 accepted=accepted, reason="" if accepted else "; ".join(log[-3:]),
                 **{k: tuple(v) for k, v in nxt.items()},
             )
-        fields = {}
+        fields: dict = {}
+        memory: dict[int, memoryview | bytes] = {}
         if state is not None and not foreign:
-            fields = self._old_state(header, *state)
+            fields, memory = self._old_state(header, *state)
         return Outcome(
             boot=OpResult(boot_rc, 0, 0, tuple(boot_warn)), ops=results, next=next_boot,
             events=tuple(events), event_ops=tuple(event_ops), log=tuple(log), reports=tuple(reports), **fields,
-        )
+        ), memory
 
     def _report(self, text: str, op: int | None, ended: bool, code: int) -> SanitizerReport:
         """A Rec.SANITIZER record: "kind\tfile\tline\tcolumn\tdetail". ASan
@@ -205,7 +214,10 @@ class NativeKernel:
         function = where.split(" ", 1)[0] if where and not where.startswith(str(self.build.library)) else "?"
         return SanitizerReport(op, kind, function, file.rsplit("/", 1)[-1], line_no, detail, _own_line_hash(file, line_no), ended)
 
-    def _old_state(self, header: Header, root_phys: int, fdt_phys: int, arena_hwm: int) -> dict:
+    def _old_state(self, header: Header, root_phys: int, fdt_phys: int,
+                   arena_hwm: int) -> tuple[dict, dict[int, memoryview | bytes]]:
+        """The old kernel's state, and the pages its image holds as they lie
+        in memory (what ``pack_image`` of that image lays out)."""
         n = _ffi.new("unsigned long *")
         buf = self.lib.kc_snapshot_pages(n)
         raw = memoryview(_ffi.buffer(buf, n[0] * self.page_size)) if n[0] else memoryview(b"")  # read in place
@@ -223,10 +235,16 @@ class NativeKernel:
         tree, node_pages = _canonical_tree(root_phys, page, self.page_shift)
         scratch = (page(ARENA_BASE_PHYS) or b"")[: 16 * len(header.scratch)]
         zero = bytes(ps)
-        other = PageStore({ARENA_BASE_PHYS + i * ps: words_from_bytes(raw[i * ps : (i + 1) * ps], ps) for i in range(n[0])
-                           if ARENA_BASE_PHYS + i * ps not in node_pages and raw[i * ps : (i + 1) * ps] != zero}, ps)
+        # tobytes: a memoryview compares element by element, 40 times slower than bytes
+        written = {ARENA_BASE_PHYS + i * ps: raw[i * ps : (i + 1) * ps] for i in range(n[0])
+                   if raw[i * ps : (i + 1) * ps].tobytes() != zero}
+        other = PageStore({p: words_from_bytes(v, ps) for p, v in written.items() if p not in node_pages}, ps)
         image = Image(self.page_shift, fdt_phys, fdt, ARENA_BASE_PHYS, scratch, node_pages, other, arena_hwm)
-        return {"root_phys": root_phys, "tree": tree, "node_pages": node_pages, "fdt": fdt, "image": image}
+        # Every page the image holds: the written ones, the tree's (zero or
+        # not), the scratch and FDT pages (b"": not in the arena, as zeros).
+        memory: dict[int, memoryview | bytes] = {**written, **{p: written.get(p) or page(p) or b""
+                                                               for p in (*node_pages, ARENA_BASE_PHYS, fdt_phys)}}
+        return {"root_phys": root_phys, "tree": tree, "node_pages": node_pages, "fdt": fdt, "image": image}, memory
 
 
 def _op_results(answers: list[tuple[int, int, int] | None], warns: dict[int, list[str]],

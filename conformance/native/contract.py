@@ -19,7 +19,7 @@ its C declaration are both derived from that list.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from enum import IntEnum
 
 from reference.geometry import MAX_PAGE_ORDER
@@ -163,10 +163,17 @@ def pack_image(image: Image, page_size: int) -> bytearray:
     """A handover image made elsewhere, as the driver lays it into its arena:
     every page of the old kernel's memory it holds (tree pages, the rest of
     the arena, the scratch descriptors' page, the FDT page)."""
-    pages = MemoryPages(image)
+    return pack_memory(image.fdt_phys, image.scratch_phys, len(image.scratch), image.arena_hwm, MemoryPages(image),
+                       page_size)
+
+
+def pack_memory(fdt_phys: int, scratch_phys: int, scratch_len: int, arena_hwm: int,
+                pages: Mapping[int, bytes | bytearray | memoryview], page_size: int) -> bytearray:
+    """``pack_image`` of an image given as its pages, each as it lies in
+    memory (the scratch descriptors and the FDT in their pages)."""
     # One buffer, filled a page at a time: an image of 10^6 keys is 128 MiB.
     out = bytearray(IMAGE.size + len(pages) * (PAGE_PHYS.size + page_size))  # zeros: short pages padded
-    IMAGE.pack_into(out, 0, image.fdt_phys, image.scratch_phys, len(image.scratch), len(pages), image.arena_hwm)
+    IMAGE.pack_into(out, 0, fdt_phys, scratch_phys, scratch_len, len(pages), arena_hwm)
     off = IMAGE.size
     for phys in sorted(pages):
         PAGE_PHYS.pack_into(out, off, phys & U64)
