@@ -871,7 +871,8 @@ def kho_add_subtree(fdt: Fdt, page_size: int, name: str | bytes, phys: int, size
 def _add_subtree_packed(fdt: Fdt, page_size: int, name: bytes, phys: int, size: int) -> int | None:
     """``kho_add_subtree`` on a packed page-sized tree (header, one empty
     reservation entry, structure, strings, back to back: every KHO FDT
-    until a poke), when the new node and its two properties fit: the bytes
+    once a subtree was added, until a poke), when the new node and its two
+    properties fit: the bytes
     the long way leaves, written at once. None: any other tree (the long
     way answers).
 
@@ -882,7 +883,7 @@ def _add_subtree_packed(fdt: Fdt, page_size: int, name: bytes, phys: int, size: 
     property first; every splice moves the rest of the data up, so the
     bytes past the final end are the old ones."""
     buf = fdt.buf
-    if len(buf) != page_size or page_size < SW_HEADER_SIZE + RSV_ENTRY:
+    if len(buf) != page_size or page_size < HEADER_SIZE + RSV_ENTRY:  # the header and the reservation entry read
         return None
     magic, total, st_off, str_off, rsv_off, version, last_comp, _, str_size, st_size = _HEADER.unpack_from(buf)
     if (magic != FDT_MAGIC or version != 17 or last_comp > 17 or rsv_off != HEADER_SIZE

@@ -240,10 +240,12 @@ class NativeKernel:
                    if raw[i * ps : (i + 1) * ps].tobytes() != zero}
         other = PageStore({p: words_from_bytes(v, ps) for p, v in written.items() if p not in node_pages}, ps)
         image = Image(self.page_shift, fdt_phys, fdt, ARENA_BASE_PHYS, scratch, node_pages, other, arena_hwm)
-        # Every page the image holds: the written ones, the tree's (zero or
-        # not), the scratch and FDT pages (b"": not in the arena, as zeros).
-        memory: dict[int, memoryview | bytes] = {**written, **{p: written.get(p) or page(p) or b""
-                                                               for p in (*node_pages, ARENA_BASE_PHYS, fdt_phys)}}
+        # Every page the image holds: the written ones, then the tree's, the
+        # scratch and FDT pages even when zero (b"": not in the arena, as zeros).
+        memory: dict[int, memoryview | bytes] = dict(written)
+        for p in (*node_pages, ARENA_BASE_PHYS, fdt_phys):
+            if p not in memory:
+                memory[p] = page(p) or b""
         return {"root_phys": root_phys, "tree": tree, "node_pages": node_pages, "fdt": fdt, "image": image}, memory
 
 
