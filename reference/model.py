@@ -695,8 +695,12 @@ class NextKernel:
 
     def _pages(self, order: int) -> int:
         """Struct pages a restored block initialises and hands to the managed
-        count: ``1 << order``, in int under quirk range-int-shift."""
-        return x86_int_shift(order) if quirks.RANGE_INT_SHIFT in self.quirks else 1 << order
+        count: ``1 << order`` in unsigned long, in int under quirk
+        range-int-shift. The same for every order a valid key holds; a key
+        the next kernel trusts (next-kernel-trusts-tree) can decode to an
+        order near 2^32, whose shift count C takes modulo 64 (in Python a
+        number of 2^32 bits)."""
+        return x86_int_shift(order) if quirks.RANGE_INT_SHIFT in self.quirks else x86_shl64(1, order)
 
     def _restore_folio(self, phys: int) -> OpResult:
         pfn = phys >> self.header.page_shift

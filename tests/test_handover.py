@@ -37,6 +37,7 @@ from conformance.report import load_report
 from conformance.source import fetch
 from fuzz.findings import load_finding
 from fuzz.runner import run_fuzz
+from reference import model, quirks
 from reference.outcome import EINVAL, ENOENT
 from reference.program import parse_program
 
@@ -247,3 +248,20 @@ def test_check_with_a_tree_runs_both_directions_against_a_release(tmp_path):
                                        cwd=REPO, env=child_env(), timeout=300).stdout)
     assert record["kernel"]["version"] == "7.3.4" and record["next_kernel"]["provider"].startswith("tree:")
     assert record["verdict"] == "known"
+
+
+def test_trusted_key_wider_than_the_key_width_restores_an_unsigned_long_of_pages():
+    """preserve_folio of order 125, which the kernel accepts, leaves a key
+    wider than the key width. A next kernel that trusts the tree decodes
+    it to an order near 2^32, and the pages restore_folio hands over are
+    an unsigned long: 1 << (order mod 64), not a number of 2^32 bits,
+    which no divergence record could print (triage of this program raised)."""
+    program = parse_program("page_shift 12\narena_pages 16\nram 0x0 0x100000\n---\n"
+                            "add_subtree @@ 0xfffffffffffff000 0x0\npreserve_folio 0x0 125\nkexec\nrestore_folio 0x0\n")
+    target = target_for(get_build("7.2", 12))
+    c = compare(program, target)
+    assert c.kernel.ops[1].rc == 0 and c.model.ops[1].rc == -EINVAL  # the kernel takes the order
+    triage(c, target)
+    _, ops = model.restore(c.kernel.image, program.steps[3:], program.header, target.profile,
+                           frozenset({quirks.NEXT_KERNEL_TRUSTS_TREE}))
+    assert ops[0].rc == 0 and 0 < ops[0].value2 < 1 << 64 and ops[0].may_time_out
