@@ -160,10 +160,14 @@ def _op_view(r: OpResult) -> tuple:
     return (r.rc, r.value, r.value2, len(r.warnings), r.pages)
 
 
+# What a next kernel's boot is compared by: all but the refusal's wording and the model's own foresight.
+_NEXT_FIELDS = tuple(f.name for f in fields(NextBoot) if f.name not in ("reason", "may_time_out"))
+
+
 def _next_view(n: NextBoot | None) -> dict | None:
     if n is None:
         return None
-    view = {f.name: getattr(n, f.name) for f in fields(n) if f.name not in ("reason", "may_time_out")}
+    view = {name: getattr(n, name) for name in _NEXT_FIELDS}
     # Order of magic reads and phantom touches is an artefact of who reads
     # the struct pages; the set is the contract.
     view["magic"] = tuple(sorted(set(n.magic)))

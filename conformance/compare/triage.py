@@ -151,8 +151,17 @@ def _by_site(d: Divergence) -> bool:
 BOTH, OLD, NEXT = "both", "old", "next"
 
 
-def _affecting(target: Target) -> list[KnownFinding]:
-    return [k for k in load_known() if k.affects(target.build.source.release)]
+def _affecting(target: Target) -> tuple[KnownFinding, ...]:
+    """The known findings that affect the target's release; asked for every
+    program, so kept per release and per list of findings (load_known's)."""
+    found, release = load_known(), target.build.source.release
+    hit = _AFFECTING.get(release)
+    if hit is None or hit[0] is not found:
+        hit = _AFFECTING[release] = (found, tuple(k for k in found if k.affects(release)))
+    return hit[1]
+
+
+_AFFECTING: dict[str, tuple[tuple[KnownFinding, ...], tuple[KnownFinding, ...]]] = {}
 
 
 def _next_side(d: Divergence, kexec: int | None) -> bool:
