@@ -232,3 +232,49 @@ def test_fdt_add_subtree_same_with_and_without_shortcuts(page, fill, width, remo
         results.append((rcs, bytes(fdt.buf), fdt.out_of_bounds))
     assert results[0] == results[1]
     event(f"rcs {sorted(set(results[1][0]))}" + (" poked" if pokes else ""))
+
+
+def _tree_taken_both_ways(programs: list[Program], others: list[Program], monkeypatch) -> tuple[int, int]:
+    """The kernel's outcome of each program is the same whether the binding
+    reads its tree or takes the model's (``like``): offered the model's
+    outcome of the program itself, under every quirk, and of ``others``.
+    How often the model's tree was taken, and refused."""
+    from conformance.native import binding
+
+    target = _target()
+    kernel = target.native
+    verdicts: list[bool] = []
+    same_tree = binding._same_tree
+    monkeypatch.setattr(binding, "_same_tree", lambda *a: verdicts.append(same_tree(*a)) or verdicts[-1])
+    likes = [model.run(p, target.profile) for p in others]
+    for program in programs:
+        read = kernel.run_parts(program)[0]
+        for like in (model.run(program, target.profile), model.run(program, target.profile, quirks.ALL), *likes):
+            assert kernel.run_parts(program, like=like)[0] == read, program.text()
+    return verdicts.count(True), verdicts.count(False)
+
+
+def test_native_tree_taken_from_the_model_only_when_read_alike(monkeypatch):
+    """Over the seeds, the saved findings and trees poked where the kernel
+    reads them: a root entry sent outside memory, to an arena page past the
+    highest one written, to a table already linked; a table entry back to
+    the root; a leaf word changed. (The root is arena page 1, its slot 0
+    leads to page 10, the leaves are pages 13 and 14.) A model's tree that
+    misses a page the kernel has must not be taken."""
+    programs = [decode(p.read_bytes(), PAGE_SHIFT) for p in SEEDS]
+    programs += [parse_program((p / "program.txt").read_text()) for p in FINDINGS]
+    base = "page_shift 12\narena_pages 64\n---\npreserve_folio 0x1000 0\npreserve_folio 0x80000 3\n"
+    poked = [parse_program(base + tail) for tail in (
+        "kexec\n", "poke_arena 1 0 0x7fffffffff000\nkexec\n", "poke_arena 1 0 0x40030000\nkexec\n",
+        "poke_arena 1 5 0x4000b000\nkexec\n", "poke_arena 10 128 0x40001000\nkexec\n", "poke_arena 14 0 9\nkexec\n",
+        # the same entry, to a page this kernel has written (zeros): read as an empty table here, missing in the above
+        "poke_arena 48 0 0\npoke_arena 1 0 0x40030000\nkexec\n")]
+    taken, refused = _tree_taken_both_ways(programs + poked, poked, monkeypatch)
+    assert taken > len(SEEDS) // 2 and refused > len(programs)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.lists(st.binary(min_size=8, max_size=512), min_size=1, max_size=4))
+def test_native_tree_taken_from_the_model_only_when_read_alike_fuzz_inputs(data: list[bytes], monkeypatch):
+    programs = [decode(d, PAGE_SHIFT) for d in data]
+    _tree_taken_both_ways(programs, programs, monkeypatch)

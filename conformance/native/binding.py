@@ -9,13 +9,14 @@ import functools
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from cffi import FFI
 
 from reference import shortcuts
-from reference.arena import words_from_bytes
+from reference.arena import words_from_bytes, words_to_bytes
 from reference.fdt import Fdt
 from reference.geometry import geometry
 from reference.image import PageStore
@@ -59,15 +60,18 @@ class NativeKernel:
         (default: this build's)."""
         return self.run_parts(program, next_kernel)[0]
 
-    def run_parts(self, program: Program, next_kernel: NativeKernel | None = None) -> tuple[Outcome, Outcome | None]:
+    def run_parts(self, program: Program, next_kernel: NativeKernel | None = None, *,
+                  like: Outcome | None = None) -> tuple[Outcome, Outcome | None]:
         """The kernel's outcome of ``program``, and the next kernel's run
-        within it, as ``restore`` returned it (None: no handover).
+        within it, as ``restore`` returned it (None: no handover). ``like``:
+        the model's outcome of the same program, whose tree is taken for the
+        kernel's when the pages it was read from are the same (``_same_tree``).
 
         Two calls of the kernel's code: the old kernel's ends at kexec,
         which leaves the handover image; the next kernel boots from that
         image as from any other (``restore``). So the next kernel knows only
         what crossed kexec, be it this build's or another version's."""
-        old, memory = self._run_old(program)
+        old, memory = self._run_old(program, like)
         k = program.kexec_index()
         if k is None or old.image is None or old.ops[k].rc != NOT_RUN:
             return old, None  # no kexec, the old kernel was cut short before it, or KHO is disabled (it ran on)
@@ -85,7 +89,7 @@ class NativeKernel:
             log=old.log + new.log,
         ), new
 
-    def _run_old(self, program: Program) -> tuple[Outcome, dict[int, memoryview | bytes]]:
+    def _run_old(self, program: Program, like: Outcome | None = None) -> tuple[Outcome, dict[int, memoryview | bytes]]:
         """The old kernel's run: up to and including its kexec, which records
         the image and ends the run (the ops after it are NOT_RUN); and the
         pages its image holds, read in place (valid until the next run)."""
@@ -94,7 +98,7 @@ class NativeKernel:
         blob = pack_program(program)
         if self.lib.kc_run(_ffi.from_buffer(blob), len(blob), _ffi.NULL, 0):
             raise KhoConformError("the driver refused the program header")
-        return self._outcome(program.header, len(program.steps), foreign=False)
+        return self._outcome(program.header, len(program.steps), foreign=False, like=like)
 
     def abi_constants(self) -> dict[str, int]:
         """Depth, table and bitmap sizes and key width as the tree's code defines them."""
@@ -124,7 +128,8 @@ class NativeKernel:
             raise KhoConformError("the driver refused the program header")
         return self._outcome(header, len(program.steps), foreign=True)[0]
 
-    def _outcome(self, header: Header, nsteps: int, foreign: bool) -> tuple[Outcome, dict[int, memoryview | bytes]]:
+    def _outcome(self, header: Header, nsteps: int, foreign: bool,
+                 like: Outcome | None = None) -> tuple[Outcome, dict[int, memoryview | bytes]]:
         n = _ffi.new("unsigned long *")
         recs = self.lib.kc_records(n)
         # Read the C array in place, one record at a time: a program of 10^6
@@ -187,7 +192,7 @@ class NativeKernel:
         fields: dict = {}
         memory: dict[int, memoryview | bytes] = {}
         if state is not None and not foreign:
-            fields, memory = self._old_state(header, *state)
+            fields, memory = self._old_state(header, *state, like=like)
         return Outcome(
             boot=OpResult(boot_rc, 0, 0, tuple(boot_warn)), ops=results, next=next_boot,
             events=tuple(events), event_ops=tuple(event_ops), log=tuple(log), reports=tuple(reports), **fields,
@@ -214,8 +219,8 @@ class NativeKernel:
         function = where.split(" ", 1)[0] if where and not where.startswith(str(self.build.library)) else "?"
         return SanitizerReport(op, kind, function, file.rsplit("/", 1)[-1], line_no, detail, _own_line_hash(file, line_no), ended)
 
-    def _old_state(self, header: Header, root_phys: int, fdt_phys: int,
-                   arena_hwm: int) -> tuple[dict, dict[int, memoryview | bytes]]:
+    def _old_state(self, header: Header, root_phys: int, fdt_phys: int, arena_hwm: int,
+                   like: Outcome | None = None) -> tuple[dict, dict[int, memoryview | bytes]]:
         """The old kernel's state, and the pages its image holds as they lie
         in memory (what ``pack_image`` of that image lays out)."""
         n = _ffi.new("unsigned long *")
@@ -232,7 +237,10 @@ class NativeKernel:
         fdt_page = page(fdt_phys) or b""
         total = Fdt(fdt_page).totalsize() if len(fdt_page) >= 8 else 0
         fdt = fdt_page[: min(total, ps)]
-        tree, node_pages = _canonical_tree(root_phys, page, self.page_shift)
+        if shortcuts.ENABLED and like is not None and _same_tree(root_phys, page, like):
+            tree, node_pages = like.tree, like.node_pages
+        else:
+            tree, node_pages = _canonical_tree(root_phys, page, self.page_shift)
         scratch = (page(ARENA_BASE_PHYS) or b"")[: 16 * len(header.scratch)]
         zero = bytes(ps)
         # tobytes: a memoryview compares element by element, 40 times slower than bytes
@@ -275,6 +283,36 @@ def _own_line_hash(path: str, line: int) -> str:
     except OSError:
         return ""
     return line_hash(lines[line - 1]) if 0 < line <= len(lines) else ""
+
+
+def _same_tree(root: int, page: Callable[[int], bytes | None], like: Outcome) -> bool:
+    """Whether the kernel's tree, read from its memory (``page``), is
+    ``like``'s (the model's, read by the same traversal from the model's
+    memory) without reading it: a shortcut.
+
+    The traversal starts at the root and reads one page for each entry of
+    each table it visits; what it does next depends only on what it read. The
+    model's traversal read the root and the entries of its tables: a page it
+    visited (one of ``like``'s node pages) or one it found missing. So if
+    the roots are the same and the kernel's memory holds, at each of those,
+    the same page (the same bytes as the model's words) or none, the
+    kernel's traversal reads what the model's read, step for step, and ends
+    with the same tree and node pages."""
+    pages = like.node_pages
+    if root != like.root_phys or not isinstance(pages, PageStore):
+        return False
+    ps = pages.page_size
+    read = {root} | {child for node in like.tree if node.level for child in (pages.words(node.phys) or {}).values()}
+    for phys in read:
+        words = pages.words(phys)
+        data = page(phys)
+        if words is None or data is None:
+            if words is not None or data is not None:
+                return False
+        elif (0 in words.values() or (words and not 0 <= min(words) <= max(words) < ps // 8)
+              or words_to_bytes(words, ps) != data):  # canonical words only: equal bytes then mean equal words
+            return False
+    return True
 
 
 def _canonical_tree(root: int, page, page_shift: int) -> tuple[tuple[TreeNode, ...], PageStore]:
