@@ -63,7 +63,10 @@ class _Reader:
         return self.data[self.pos - 1]
 
     def uint(self, nbytes: int) -> int:
-        return int.from_bytes(bytes(self.byte() for _ in range(nbytes)), "little")
+        """``nbytes`` bytes, little-endian (the missing high ones zeros)."""
+        chunk = self.data[self.pos : self.pos + nbytes]
+        self.pos += len(chunk)
+        return int.from_bytes(chunk, "little")
 
     def below(self, n: int) -> int:
         """Uniform-ish in [0, n); as few bytes as n needs."""
