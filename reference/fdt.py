@@ -72,6 +72,43 @@ def _be32_at(block: bytes, i: int) -> int:
     return (block[i] << 24) | (block[i + 1] << 16) | (block[i + 2] << 8) | block[i + 3]
 
 
+def _children(block: bytes, parent: int) -> list[tuple[bytes, int]] | None:
+    """The names and offsets of the children of the node at ``parent`` in a
+    v16+ structure block, walked tag by tag as libfdt walks, to the parent's
+    end (or the block's FDT_END); None at a tag, length or name libfdt would
+    reject on the way."""
+    limit = len(block)
+    out: list[tuple[bytes, int]] = []
+    off, depth = parent, -1  # the parent's own tag brings depth to 0
+    while off + 4 <= limit:
+        tag = _be32_at(block, off)
+        off += 4
+        if tag == FDT_BEGIN_NODE:
+            nul = block.find(0, off)
+            if nul < 0:
+                return None
+            depth += 1
+            if depth == 1:
+                out.append((block[off:nul], off - 4))
+            off = _align4(nul + 1)
+        elif tag == FDT_PROP:
+            if off + 4 > limit or depth < 0:
+                return None
+            n = _be32_at(block, off)
+            if (n + off) & U32 >= INT_MAX or (n + off) & U32 < off or off + 8 + n > limit:
+                return None
+            off = _align4(off + 8 + n)
+        elif tag == FDT_END_NODE:
+            if depth < 0:
+                return None
+            depth -= 1
+            if depth < 0:
+                return out
+        elif tag != FDT_NOP or depth < 0:
+            return out if tag == FDT_END and depth >= 0 else None
+    return None
+
+
 def _s32(x: int) -> int:
     """C conversion of an unsigned 32-bit quantity to ``int``."""
     return ((x & U32) ^ 0x80000000) - 0x80000000
@@ -102,6 +139,9 @@ class Fdt:
         self.out_of_bounds = False
         # (struct limit, struct offset, version, probe result) during a read-only scan
         self._frozen: tuple[int, int, int, int] | None = None
+        # The root's children as _subnode_scan last read them, with the
+        # structure block (and its offset) they were read from: a shortcut.
+        self._root_children: tuple[int, bytes, list[tuple[bytes, int]]] | None = None
 
     # -- memory ----------------------------------------------------------
     def _span(self, off: int, n: int) -> tuple[int, int]:
@@ -483,10 +523,11 @@ class Fdt:
             self._scan_end()
 
     def _subnode_scan(self, parent: int, want: bytes) -> int | None:
-        """subnode_offset's walk in one loop over a well-formed stretch of a
-        v16+ structure block lying inside the buffer (the kernel's FDT, with
-        dozens of children: the model's hottest path). None on anything
-        else (a tag, length or name libfdt would reject, an old version, a
+        """subnode_offset from the list of the parent's children, read in
+        one loop over a v16+ structure block lying inside the buffer and
+        well-formed to the parent's end (the kernel's FDT, with dozens of
+        children: the model's hottest path). None on anything else (a tag,
+        length or name libfdt would reject on the way, an old version, a
         block past the buffer): then ``_subnode_walk`` answers. Reads only,
         so the fallback starts from the same state."""
         assert self._frozen is not None  # inside a scan
@@ -495,37 +536,21 @@ class Fdt:
         if version < 16 or parent < 0 or parent % 4 or base < 0 or limit < 0 or base + limit > len(buf):
             return None
         block: bytes = bytes(buf[base:base + limit])  # offsets in the block are the structure offsets
+        kept = self._root_children
+        if parent == 0 and kept is not None and kept[0] == base and kept[1] == block:
+            children: list[tuple[bytes, int]] | None = kept[2]  # a shortcut: the same bytes, the same children
+        else:
+            children = _children(block, parent)
+            if parent == 0 and children is not None and shortcuts.ENABLED:
+                self._root_children = (base, block, children)
+        if children is None:
+            return None
         n_want = len(want)
         plain = b"@" not in want
-        off, depth = parent, -1  # the parent's own tag brings depth to 0
-        while off + 4 <= limit:
-            tag = _be32_at(block, off)
-            off += 4
-            if tag == FDT_BEGIN_NODE:
-                nul = block.find(0, off)
-                if nul < 0:
-                    return None
-                depth += 1
-                if depth == 1 and block[off:off + n_want] == want and (
-                        nul - off == n_want or (plain and block[off + n_want] == 0x40)):
-                    return off - 4
-                off = _align4(nul + 1)
-            elif tag == FDT_PROP:
-                if off + 4 > limit or depth < 0:
-                    return None
-                n = _be32_at(block, off)
-                if (n + off) & U32 >= INT_MAX or (n + off) & U32 < off or off + 8 + n > limit:
-                    return None
-                off = _align4(off + 8 + n)
-            elif tag == FDT_END_NODE:
-                if depth < 0:
-                    return None
-                depth -= 1
-                if depth < 0:
-                    return -FDT_ERR_NOTFOUND
-            elif tag != FDT_NOP or depth < 0:
-                return None if tag != FDT_END or depth < 0 else -FDT_ERR_NOTFOUND
-        return None
+        for name, off in children:
+            if name[:n_want] == want and (len(name) == n_want or (plain and name[n_want:n_want + 1] == b"@")):
+                return off
+        return -FDT_ERR_NOTFOUND
 
     def _subnode_walk(self, parent: int, want: bytes) -> int:
         """subnode_offset the long way, node by node as libfdt walks; inside
@@ -925,6 +950,10 @@ def _add_subtree_packed(fdt: Fdt, page_size: int, name: bytes, phys: int, size: 
     if end > page_size:
         return None  # no room: the long way's failure paths
     structure = bytes(buf[st_off : st_off + at]) + node + bytes(buf[st_off + at : str_off])
+    kept = fdt._root_children  # as subnode_offset above read them, if it could
+    if kept is not None and kept[0] == st_off and kept[1] == buf[st_off:str_off] and all(o >= at for _, o in kept[2]):
+        # The new node is one well-formed child, inserted before the others.
+        fdt._root_children = (st_off, structure, [(name, at), *((n, o + len(node)) for n, o in kept[2])])
     buf[st_off:end] = structure + strings
     new_st = st_size + len(node)
     for field, v in ((TOTALSIZE, end), (OFF_DT_STRINGS, st_off + new_st), (SIZE_DT_STRINGS, len(strings)),
