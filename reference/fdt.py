@@ -536,8 +536,8 @@ class Fdt:
         if version < 16 or parent < 0 or parent % 4 or base < 0 or limit < 0 or base + limit > len(buf):
             return None
         block: bytes = bytes(buf[base:base + limit])  # offsets in the block are the structure offsets
-        kept = self._root_children
-        if parent == 0 and kept is not None and kept[0] == base and kept[1] == block:
+        kept = self._root_children if parent == 0 and shortcuts.ENABLED else None
+        if kept is not None and kept[0] == base and kept[1] == block:
             children: list[tuple[bytes, int]] | None = kept[2]  # a shortcut: the same bytes, the same children
         else:
             children = _children(block, parent)
