@@ -12,9 +12,10 @@ in the order they run, so another one is one more entry:
   handover checked both ways), and the ratio differential / native;
 - ``breakdown``: where the differential run's time goes, by the code that
   spends it (cProfile's own time per file, over the fixed programs);
-- ``harness``: the atheris entry point in the fuzz flavor in one libFuzzer
-  process (one core; every execution is a program compared: decoded, model,
-  kernel, diff, triage), and ``fuzz --jobs 1`` against ``--jobs 2``;
+- ``harness``: the atheris entry point in the fuzz flavor under ``fuzz
+  --jobs 1`` (one libFuzzer process, one core; every execution is a program
+  compared: decoded, model, kernel, diff, triage; ``one_process``) against
+  ``--jobs 2``;
 - ``scattered``: time and peak memory of 10^5 and 10^6 scattered preserved
   pages on each side, each in a fresh process, with the size of the tree;
 - ``mutation``: the median time ``kho-conform mutate`` takes to kill a
@@ -265,14 +266,13 @@ JOBS_PLAUSIBLE = 2.4
 
 
 def measure_harness(b: Bench) -> dict:
-    """The atheris entry point in the fuzz flavor: libFuzzer's own count in
-    one process (no fork: one core), then ``fuzz`` with 1 and 2 jobs,
-    ``JOBS_ROUNDS`` times each, alternated, from the seeds."""
-    from fuzz.runner import run_entry, run_fuzz
+    """The atheris entry point in the fuzz flavor: ``fuzz`` with 1 job (one
+    libFuzzer process, one core) and with 2, ``JOBS_ROUNDS`` times each,
+    alternated, from the seeds; libFuzzer's own count of programs."""
+    from fuzz.runner import run_fuzz
 
     seconds = 10 if b.quick else 30
     with temp_dir(prefix="kho-bench-") as tmp:  # removed even if bench is killed
-        one = run_entry(b.source, b.page_shift, corpus_dir=tmp / "corpus", crashes_dir=tmp / "crashes", seconds=seconds)
         runs: dict[str, list[int]] = {"1": [], "2": []}
         spent = {"1": 0.0, "2": 0.0}
         for rnd in range(JOBS_ROUNDS):
@@ -283,15 +283,15 @@ def measure_harness(b: Bench) -> dict:
                 spent[str(n)] += stats.seconds
     jobs = {n: {"execs": sum(r), "runs": r, "seconds": spent[n], "exec_per_s": sum(r) / spent[n] if spent[n] else 0.0}
             for n, r in runs.items()}
-    out = {"one_process": {"execs": one.execs, "seconds": one.seconds, "exec_per_s": one.exec_per_s},
+    out = {"one_process": {k: jobs["1"][k] for k in ("execs", "seconds", "exec_per_s")},
            "fuzz_jobs": jobs, "jobs_2_over_1": jobs["2"]["execs"] / jobs["1"]["execs"] if jobs["1"]["execs"] else 0.0}
     table = Table(title=f"atheris entry point, fuzz flavor (native coverage, ASan+UBSan), {seconds} s each")
     for col in ("run", "programs compared", "per second"):
         table.add_column(col, justify="right")
-    table.add_row("one libFuzzer process", f"{one.execs:,}", f"{one.exec_per_s:,.0f}")
     for n, r in jobs.items():
         each = " + ".join(f"{x:,}" for x in r["runs"])
-        table.add_row(f"kho-conform fuzz --jobs {n}, {JOBS_ROUNDS} runs", each, f"{r['exec_per_s']:,.0f}")
+        table.add_row(f"kho-conform fuzz --jobs {n}{' (one core)' if n == '1' else ''}, {JOBS_ROUNDS} runs", each,
+                      f"{r['exec_per_s']:,.0f}")
     b.console.print(table)
     b.console.print(f"fuzz --jobs 2 / --jobs 1: {out['jobs_2_over_1']:.2f}x the programs", highlight=False)
     return out

@@ -415,7 +415,7 @@ def parser() -> argparse.ArgumentParser:
                         "for several); default: handovers between the --kernel versions themselves")
     c.set_defaults(fn=cmd_check)
 
-    f = sub.add_parser("fuzz", help="fuzz continuously with libFuzzer's fork mode; resumable corpus; live stats")
+    f = sub.add_parser("fuzz", help="fuzz continuously with libFuzzer workers, restarted after a crash; resumable corpus; live stats")
     _kernel_args(f)
     _handover_args(f)
     f.add_argument("--jobs", type=_count(1), default=1, help="libFuzzer workers (default %(default)s)")

@@ -24,7 +24,10 @@ options from the environment:
   so a killed worker leaves nothing half-written; default: the crashes
   directory);
 - ``KHO_FUZZ_MINIMIZE_RUNS`` (150): minimizer budget per finding;
-- ``KHO_FUZZ_ARGV0``: the command libFuzzer's fork/jobs modes re-run.
+
+Once a second at most, the entry point prints ``KHO-PROGRESS <programs>``:
+how many programs this process has compared (libFuzzer's own lines come at
+powers of two, late in a run), which ``fuzz.runner`` shows live.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 if not __package__:  # run as a file: make the project importable
@@ -93,8 +97,14 @@ class Fuzzer:
         self.minimize_runs = minimize_runs
         self.page_shift = target.page_shift
         self.seen: set[str] = set()  # signatures handled by this process
+        self.runs = 0
+        self.next_progress = 0.0
 
     def __call__(self, data: bytes) -> None:
+        self.runs += 1
+        if (now := time.monotonic()) >= self.next_progress:
+            print(f"KHO-PROGRESS {self.runs}", file=sys.stderr, flush=True)
+            self.next_progress = now + 1.0
         program = decode(data, self.page_shift)
         c, verdict = screen(program, self.target)
         if verdict.status != "fail" or verdict.divergence.signature in self.seen:
@@ -127,8 +137,7 @@ def main() -> None:
         assert fuzzer is not None
         fuzzer(data)
 
-    argv = [os.environ.get("KHO_FUZZ_ARGV0") or sys.argv[0], *sys.argv[1:]]
-    atheris.Setup(argv, test_one_input)
+    atheris.Setup(sys.argv, test_one_input)
     # Loaded after Setup, so that libFuzzer registers the library's coverage counters.
     staging = os.environ.get("KHO_FUZZ_STAGING")
     target = target_for(b) if new is None else Pair(target_for(b), target_for(new))

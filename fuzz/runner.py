@@ -1,23 +1,32 @@
 """Continuous fuzzing: the atheris entry point (``fuzz.entry``) under libFuzzer, with a resumable
 corpus, a time budget and live stats.
 
-libFuzzer's own fork mode (``-fork=N -ignore_crashes=1``) runs the workers,
-even for one job: a sanitizer abort or a hang in the kernel code ends only
-that worker, whose input libFuzzer keeps (``crash-*``/``timeout-*`` in the
-work directory ``<corpus>.work``, listed in ``FuzzStats.crash_inputs``), and
-every worker's corpus is merged back into the corpus directory. Divergences
+The runner keeps ``jobs`` libFuzzer processes fuzzing in-process, one core
+each, for the whole run. A sanitizer abort, a libFuzzer timeout or an
+out-of-memory in the kernel code ends only that worker: libFuzzer keeps its
+input (``crash-*``/``timeout-*``/``oom-*`` in the work directory
+``<corpus>.work``, listed in ``FuzzStats.crash_inputs``) and the runner
+starts the worker again for the time left, without that input if it came
+from the corpus, so that one bad input cannot stop a run. (libFuzzer's fork
+mode restarts every worker every few seconds, each re-running a sample of
+the corpus first; in a 60 s run that was a third of the time.)
+
+Workers write the inputs they find into a directory of the run, where the
+other workers pick them up (libFuzzer's ``-reload``); the runner copies each
+into the corpus directory once it is whole (libFuzzer names an input by its
+SHA-1), by rename, so the corpus only ever gains complete files. Divergences
 never end a worker: the entry point saves them itself, atomically, so an
 interrupted run loses nothing.
 
-Nothing outlives the run (``conformance.processes``): libFuzzer and its
-workers form one supervised process group, stopped together however the
-run ends, even by SIGKILL; libFuzzer's temporary directories (``TMPDIR``),
-the build bundle the workers load and half-written findings live in
-directories the run owns and removes.
+Nothing outlives the run (``conformance.processes``): every worker is a
+supervised process group, stopped however the run ends, even by SIGKILL;
+the inputs found, the build bundle the workers load and half-written
+findings live in directories the run owns and removes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import re
@@ -26,6 +35,8 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -49,15 +60,19 @@ PROJECT_ROOT = FUZZ_DIR.parent
 ENTRY = FUZZ_DIR / "entry.py"
 DICTIONARY = FUZZ_DIR / "kho.dict"
 MAX_LEN = 1024  # bytes: the decoder reads ~20 per op, so this covers the longest programs
-TAIL = 40  # lines of libFuzzer output kept for error messages
+TAIL = 40  # lines of a worker's output kept for error messages
+RESTART_MIN = 2  # seconds left below which a worker that ended early is not started again
 
-# "#1234 NEW cov: 12 ft: 34 corp: 5/67b lim: 8 exec/s: 90 ..." (in-process) and
-# "#1234: cov: 12 ft: 34 corp: 5 exec/s 90 oom/timeout/crash: ..." (fork mode).
-_STATS = re.compile(r"^#(\d+):?\s+(?:\w+\s+)?cov: (\d+) ft: (\d+) corp: (\d+)\S*.*?exec/s:? (\d+)")
+# "#1234\tNEW cov: 12 ft: 34 corp: 5/67b lim: 8 exec/s: 90 ..."
+_STATS = re.compile(r"^#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)\S*.*?exec/s: (\d+)")
+_FINAL = re.compile(r"^stat::number_of_executed_units:\s+(\d+)")
+_ARTIFACT = re.compile(r"Test unit written to (\S+)")
+_PROGRESS = re.compile(r"^KHO-PROGRESS (\d+)")  # fuzz.entry's own count, between libFuzzer's lines
+_INPUT_NAME = re.compile(r"[0-9a-f]{40}")
 
 
 def _libfuzzer(seconds: int, artifacts: Path) -> list[str]:
-    """The entry point under libFuzzer, as every run starts it.
+    """The entry point under libFuzzer, as every worker starts it.
 
     ``-entropic_scale_per_exec_time``: an input that keeps the kernel code
     at its CPU budget (a range of 2^60 pages) costs as much as a hundred
@@ -69,8 +84,8 @@ def _libfuzzer(seconds: int, artifacts: Path) -> list[str]:
             *([f"-dict={DICTIONARY}"] if DICTIONARY.exists() else [])]
 
 
-def worker_env(bundle: Path, flavor: str, crashes_dir: Path | None, launcher: Path,
-               staging: Path | None = None, next_bundle: Path | None = None) -> dict[str, str]:
+def worker_env(bundle: Path, flavor: str, crashes_dir: Path | None, staging: Path | None = None,
+               next_bundle: Path | None = None) -> dict[str, str]:
     """The workers' environment: they load the runner's own build (the
     bundle; and ``next_bundle``, the next kernel's, for a handover across
     versions), so every worker fuzzes exactly the libraries the run reports;
@@ -82,10 +97,8 @@ def worker_env(bundle: Path, flavor: str, crashes_dir: Path | None, launcher: Pa
     preload = sanitizer_preload(flavor)
     if preload:
         env.update(SANITIZER_ENV, LD_PRELOAD=preload)
-    env.update(
-        KHO_FUZZ_BUNDLE=str(bundle), KHO_FUZZ_ARGV0=str(launcher),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")])),
-    )
+    env.update(KHO_FUZZ_BUNDLE=str(bundle),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")])))
     if crashes_dir is not None:
         env["KHO_FUZZ_CRASHES"] = str(crashes_dir.resolve())
     if staging is not None:
@@ -93,15 +106,6 @@ def worker_env(bundle: Path, flavor: str, crashes_dir: Path | None, launcher: Pa
     if next_bundle is not None:
         env["KHO_FUZZ_NEXT_BUNDLE"] = str(next_bundle)
     return env
-
-
-def _launcher(directory: Path) -> Path:
-    """The command libFuzzer's fork mode re-runs for each worker: this
-    Python, whatever ``python3`` the PATH would pick."""
-    path = directory / "kho-fuzz-entry"
-    path.write_text(f"#!/bin/sh\nexec '{sys.executable}' '{ENTRY}' \"$@\"\n")
-    path.chmod(0o755)
-    return path
 
 
 def _make_dirs(dirs: dict[str, Path]) -> None:
@@ -116,9 +120,9 @@ def _make_dirs(dirs: dict[str, Path]) -> None:
             raise KhoConformError(f"{flag} {path}: cannot create it ({e.strerror}); give a writable directory") from None
 
 
-def _inputs(corpus_dir: Path) -> int:
-    """Inputs libFuzzer reads from a corpus directory (it recurses)."""
-    return sum(1 for p in corpus_dir.rglob("*") if p.is_file())
+def _corpus_files(corpus_dir: Path) -> list[Path]:
+    """The inputs libFuzzer reads from a corpus directory (it recurses)."""
+    return sorted(p for p in corpus_dir.rglob("*") if p.is_file())
 
 
 def _seed(corpus_dir: Path, scratch: Path) -> int:
@@ -135,6 +139,13 @@ def _seed(corpus_dir: Path, scratch: Path) -> int:
 
 def _artifacts(work: Path) -> list[Path]:
     return [p for pattern in ("crash-*", "timeout-*", "oom-*", "leak-*") for p in work.glob(pattern)]
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha1(path.read_bytes()).hexdigest()
+    except OSError:  # removed meanwhile
+        return None
 
 
 def _table(stats: FuzzStats, label: str) -> Table:
@@ -155,7 +166,7 @@ def run_fuzz(source: KernelSource, page_shift: int = 12, *, corpus_dir: Path, jo
     given) at ``page_shift`` for ``seconds`` with ``jobs`` workers; findings
     go to ``crashes_dir``. Ctrl-C stops early and still
     returns the stats (``return_on_interrupt``; else it propagates, as
-    SIGTERM and SIGHUP always do, once libFuzzer is stopped)."""
+    SIGTERM and SIGHUP always do, once the workers are stopped)."""
     if seconds <= 0:
         raise KhoConformError(f"fuzzing time {seconds} s: give a positive number of seconds")
     if jobs < 1:
@@ -163,6 +174,9 @@ def run_fuzz(source: KernelSource, page_shift: int = 12, *, corpus_dir: Path, jo
     load_known()  # a broken known-finding record: one error here, not one per worker
     # libFuzzer runs in the work directory: hand it absolute paths
     corpus_dir, crashes_dir = Path(corpus_dir).resolve(), Path(crashes_dir).resolve()
+    if "," in str(corpus_dir):
+        raise KhoConformError(f"CORPUS_DIR {corpus_dir}: libFuzzer's list of inputs cannot hold a path with a ','; "
+                              "give a directory without one")
     work = corpus_dir.with_name(corpus_dir.name + ".work")  # libFuzzer's crash-*/timeout-* inputs are kept here
     _make_dirs({"CORPUS_DIR": corpus_dir, "--crashes": crashes_dir, "the work directory beside CORPUS_DIR": work})
     b = build(source, page_shift, flavor)  # here, so that workers only load it and errors show once
@@ -170,11 +184,10 @@ def run_fuzz(source: KernelSource, page_shift: int = 12, *, corpus_dir: Path, jo
     kernels = handover_label(source.version, next_source.version) if next_source is not None else source.version
     label = f"{kernels} ps{page_shift} {flavor}, {jobs} job{'s' if jobs > 1 else ''}"
     console = Console(stderr=True)
-    # The run's own directories: beside the corpus (not /tmp, which may be
-    # noexec: the launcher is run from there) and beside the findings (a
-    # finding is renamed into place, within one file system).
+    # The run's own directories: beside the corpus (an input is renamed into
+    # it, within one file system) and beside the findings (likewise).
     with temp_dir(work, prefix=".run-") as tmp, temp_dir(crashes_dir, prefix=".saving-") as staging:
-        stats = FuzzStats(started_from=_inputs(corpus_dir))
+        stats = FuzzStats(started_from=len(_corpus_files(corpus_dir)))
         seeded = _seed(corpus_dir, tmp)
         if live:
             console.print(f"{corpus_dir}: resuming from {stats.started_from} inputs" if stats.started_from
@@ -182,113 +195,174 @@ def run_fuzz(source: KernelSource, page_shift: int = 12, *, corpus_dir: Path, jo
         stats.started_from += seeded
         (tmp / "tmp").mkdir()
         next_bundle = save_bundle(new, tmp / "next-target") if new is not None else None
-        env = {**worker_env(save_bundle(b, tmp / "target"), flavor, crashes_dir, _launcher(tmp), staging, next_bundle),
-               "TMPDIR": str(tmp / "tmp")}  # libFuzzer's FuzzWithFork directories, removed with tmp
-        cmd = [*_libfuzzer(seconds, work), f"-fork={jobs}", "-ignore_crashes=1", "-ignore_timeouts=1", "-ignore_ooms=1",
-               *extra_args, str(corpus_dir)]
+        env = {**worker_env(save_bundle(b, tmp / "target"), flavor, crashes_dir, staging, next_bundle),
+               "TMPDIR": str(tmp / "tmp")}
+        workers = _Workers(env, work, corpus_dir, tmp, extra_args, stats, time.monotonic() + seconds)
         display = Live(_table(stats, label), console=console, refresh_per_second=4) if live else None
         try:
-            rc, tail = _supervise(cmd, env, work, stats, crashes_dir, display, label, return_on_interrupt)
+            workers.run(jobs, crashes_dir, display, label, return_on_interrupt)
         finally:
             if display:
                 display.stop()
                 console.line()  # what follows starts on a line of its own, terminal or not
-    # Fork mode exits non-zero after ignored worker crashes; those are in the stats.
-    if rc != 0 and not stats.interrupted and not stats.crash_inputs:
-        detail = " | ".join(ln.strip() for ln in tail[-3:])
-        raise KhoConformError(f"the fuzzer exited with status {rc}: {detail} (see {work})")
     return stats
 
 
-_FINAL = re.compile(r"^stat::(number_of_executed_units|average_exec_per_sec):\s+(\d+)")
+@dataclass
+class _Worker:
+    """One libFuzzer process, and what its output has said so far."""
+
+    proc: subprocess.Popen
+    execs: int = 0
+    coverage: int = 0
+    features: int = 0
+    exec_per_s: float = 0.0
+    artifact: Path | None = None  # the input it ended on, as libFuzzer wrote it
+    tail: list[str] = field(default_factory=list)
+
+    def read(self, line: str) -> None:
+        self.tail = (self.tail + [line.rstrip()])[-TAIL:]
+        if m := _STATS.match(line):
+            execs, self.coverage, self.features, _, rate = map(int, m.groups())
+            self.execs, self.exec_per_s = max(self.execs, execs), float(rate)
+        elif m := _PROGRESS.match(line):
+            self.execs = max(self.execs, int(m[1]))
+        elif m := _FINAL.match(line):
+            self.execs = int(m[1])  # libFuzzer's own total, at its end
+        elif m := _ARTIFACT.search(line):
+            self.artifact = Path(m[1])
 
 
-def run_entry(source: KernelSource, page_shift: int = 12, *, corpus_dir: Path, crashes_dir: Path, seconds: int,
-              flavor: str = "fuzz") -> FuzzStats:
-    """The entry point in one libFuzzer process (no fork: one core) for
-    ``seconds``, from the seeds: how many programs it compared, by
-    libFuzzer's own count. For measuring; ``run_fuzz`` is for fuzzing."""
-    corpus_dir, crashes_dir = Path(corpus_dir).resolve(), Path(crashes_dir).resolve()
-    _make_dirs({"CORPUS_DIR": corpus_dir, "--crashes": crashes_dir})
-    b = build(source, page_shift, flavor)
-    stats = FuzzStats()
-    with temp_dir(corpus_dir.parent, prefix=".run-") as tmp, temp_dir(crashes_dir, prefix=".saving-") as staging:
-        stats.started_from = _seed(corpus_dir, tmp) or _inputs(corpus_dir)
-        (tmp / "tmp").mkdir()
-        env = {**worker_env(save_bundle(b, tmp / "target"), flavor, crashes_dir, _launcher(tmp), staging),
-               "TMPDIR": str(tmp / "tmp")}
-        cmd = [*_libfuzzer(seconds, tmp), str(corpus_dir)]
+class _Workers:
+    """The run's libFuzzer processes: started, followed, restarted."""
+
+    def __init__(self, env: dict[str, str], work: Path, corpus_dir: Path, tmp: Path, extra_args: tuple[str, ...],
+                 stats: FuzzStats, deadline: float) -> None:
+        self.env, self.work, self.corpus_dir, self.tmp, self.extra_args = env, work, corpus_dir, tmp, extra_args
+        self.stats, self.deadline = stats, deadline
+        self.found = tmp / "found"  # the workers' output corpus, shared by them
+        self.found.mkdir()
+        self.kept: set[str] = set()  # inputs of ``found`` already in the corpus directory
+        self.excluded: set[str] = set()  # SHA-1s of inputs a worker ended on: a restart leaves them out
+        self.lines: queue.Queue[tuple[_Worker, str | None]] = queue.Queue()
+        self.live: list[_Worker] = []
+        self.ended_execs = 0  # programs run by workers that have ended
+        self.starts = 0
+
+    def run(self, jobs: int, crashes_dir: Path, display: Live | None, label: str, return_on_interrupt: bool) -> None:
+        """Run ``jobs`` workers until the deadline, or Ctrl-C."""
+        stats = self.stats
+        before = set(iter_findings(crashes_dir))
+        artifacts_before = set(_artifacts(self.work))
         start = time.monotonic()
-        with supervised(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                        errors="replace") as proc:
-            output, _ = proc.communicate()
-        stats.seconds = time.monotonic() - start
-    final = dict(m.groups() for line in output.splitlines() if (m := _FINAL.match(line)))
-    if "number_of_executed_units" not in final:
-        tail = " | ".join(output.strip().splitlines()[-3:])
-        raise KhoConformError(f"the fuzzer exited with status {proc.returncode} before its final stats: {tail}")
-    stats.execs = int(final["number_of_executed_units"])
-    stats.exec_per_s = float(final["average_exec_per_sec"])
-    return stats
 
+        def refresh() -> None:
+            self._keep_found()
+            stats.seconds = time.monotonic() - start
+            stats.execs = self.ended_execs + sum(w.execs for w in self.live)
+            stats.exec_per_s = float(sum(w.exec_per_s for w in self.live)) if self.live else stats.exec_per_s
+            # Each worker counts the edges it has seen; no one sees the union.
+            stats.coverage = max([stats.coverage, *(w.coverage for w in self.live)])
+            stats.features = max([stats.features, *(w.features for w in self.live)])
+            stats.corpus = len(_corpus_files(self.corpus_dir))
+            found = set(iter_findings(crashes_dir))
+            stats.findings, stats.new_findings = len(found), sorted(found - before)
+            stats.crash_inputs = sorted(set(_artifacts(self.work)) - artifacts_before)
+            stats.timeline.append(FuzzPoint(round(stats.seconds, 1), stats.execs, stats.exec_per_s, stats.coverage,
+                                            stats.corpus, stats.findings))
+            if display:
+                display.update(_table(stats, label))
 
-def _supervise(cmd: list[str], env: dict[str, str], work: Path, stats: FuzzStats, crashes_dir: Path,
-               display: Live | None, label: str, return_on_interrupt: bool) -> tuple[int, list[str]]:
-    """Run libFuzzer and follow its output into ``stats`` until it ends or
-    Ctrl-C; (its exit status, the last lines of its output)."""
-    before = set(iter_findings(crashes_dir))
-    artifacts_before = set(_artifacts(work))
-    lines: queue.Queue[str | None] = queue.Queue()
-    tail: list[str] = []
-    start = time.monotonic()
+        # Each worker in its own process group: Ctrl-C reaches the runner
+        # only, which then stops them all (conformance.processes).
+        with ExitStack() as stack:
+            for _ in range(jobs):
+                self._start(stack)
+            if display:
+                display.start()
+            try:
+                next_point = 0.0
+                while self.live:
+                    try:
+                        worker, line = self.lines.get(timeout=0.25)
+                    except queue.Empty:
+                        worker, line = None, ""
+                    if worker is not None and line is None:
+                        self._ended(worker, stack)
+                    elif worker is not None and line:
+                        worker.read(line)
+                    if time.monotonic() - start >= next_point:
+                        refresh()
+                        next_point = stats.seconds + 1.0
+            except KeyboardInterrupt as e:
+                stats.interrupted = True
+                if isinstance(e, Terminated) or not return_on_interrupt:
+                    raise  # the cleanup runs on the way out
+        refresh()  # with what the workers found and saved until they ended
 
-    def refresh() -> None:
-        stats.seconds = time.monotonic() - start
-        found = set(iter_findings(crashes_dir))
-        stats.findings, stats.new_findings = len(found), sorted(found - before)
-        stats.crash_inputs = sorted(set(_artifacts(work)) - artifacts_before)
-        stats.timeline.append(FuzzPoint(round(stats.seconds, 1), stats.execs, stats.exec_per_s, stats.coverage,
-                                        stats.corpus, stats.findings))
-        if display:
-            display.update(_table(stats, label))
-
-    # Its own process group: Ctrl-C reaches the runner only, which then stops
-    # libFuzzer and all its workers together (conformance.processes), with
-    # SIGTERM: fork mode ignores SIGINT while its jobs run (glibc's system()).
-    with supervised(cmd, env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                    errors="replace") as proc:
+    def _start(self, stack: ExitStack) -> None:
+        seconds = max(1, int(self.deadline - time.monotonic()))
+        cmd = [*_libfuzzer(seconds, self.work), *self._seed_inputs(), *self.extra_args, str(self.found)]
+        proc = stack.enter_context(supervised(cmd, env=self.env, cwd=self.work, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True, errors="replace"))
+        worker = _Worker(proc)
+        self.live.append(worker)
 
         def pump() -> None:
             assert proc.stdout is not None
             for line in proc.stdout:
-                lines.put(line)
-            lines.put(None)
+                self.lines.put((worker, line))
+            self.lines.put((worker, None))
 
         threading.Thread(target=pump, daemon=True).start()
-        if display:
-            display.start()
-        try:
-            next_point = 0.0
-            while (line := _next_line(lines)) is not None:
-                if line:
-                    tail = (tail + [line.rstrip()])[-TAIL:]
-                    if m := _STATS.match(line):
-                        stats.execs, stats.coverage, stats.features, stats.corpus, rate = map(int, m.groups())
-                        stats.exec_per_s = float(rate)
-                if time.monotonic() - start >= next_point:
-                    refresh()
-                    next_point = stats.seconds + 1.0
-        except KeyboardInterrupt as e:
-            stats.interrupted = True
-            if isinstance(e, Terminated) or not return_on_interrupt:
-                raise  # the cleanup runs on the way out
-    refresh()  # with what the workers saved while they were stopped
-    return proc.returncode, tail
 
+    def _seed_inputs(self) -> list[str]:
+        """The corpus directory's inputs, but for those a worker ended on,
+        as libFuzzer's list of seed inputs (its output directory, where
+        the workers' inputs go, is read too: those are taken out of it)."""
+        files = _corpus_files(self.corpus_dir)
+        if self.excluded:
+            files = [p for p in files if _digest(p) not in self.excluded]
+            for digest in self.excluded:
+                (self.found / digest).unlink(missing_ok=True)
+        if not files:
+            return []
+        if bad := next((p for p in files if "," in str(p)), None):
+            raise KhoConformError(f"corpus input {bad}: libFuzzer's list of inputs cannot hold a path with a ','; "
+                                  "rename the file")
+        self.starts += 1
+        listing = self.tmp / f"seed-inputs-{self.starts}"
+        listing.write_text(",".join(map(str, files)))
+        return [f"-seed_inputs=@{listing}"]
 
-def _next_line(lines: queue.Queue[str | None]) -> str | None:
-    """The next output line, "" after a quiet quarter second, None at the end."""
-    try:
-        return lines.get(timeout=0.25)
-    except queue.Empty:
-        return ""
+    def _ended(self, worker: _Worker, stack: ExitStack) -> None:
+        """A worker's output ended: done at the deadline, or ended early on an
+        input (started again without it), or broken (the run stops, saying
+        why)."""
+        rc = worker.proc.wait()
+        self.live.remove(worker)
+        self.ended_execs += worker.execs
+        if rc == 0:
+            return
+        if worker.artifact is None or not worker.artifact.is_file():
+            detail = " | ".join(ln.strip() for ln in worker.tail[-3:])
+            raise KhoConformError(f"a fuzzer worker exited with status {rc}: {detail} (see {self.work})")
+        if digest := _digest(worker.artifact):
+            self.excluded.add(digest)
+        if self.deadline - time.monotonic() >= RESTART_MIN:
+            self._start(stack)
+
+    def _keep_found(self) -> None:
+        """Copy the inputs the workers found that are whole (named by their
+        SHA-1) into the corpus directory, each by rename."""
+        for path in self.found.iterdir():
+            name = path.name
+            if name in self.kept or not _INPUT_NAME.fullmatch(name) or _digest(path) != name:
+                continue  # kept already, or still being written
+            scratch = self.tmp / f".{name}"
+            try:
+                shutil.copyfile(path, scratch)
+            except FileNotFoundError:  # replaced by a smaller input meanwhile
+                continue
+            os.replace(scratch, self.corpus_dir / name)
+            self.kept.add(name)

@@ -23,8 +23,8 @@ class FuzzPoint:
 class FuzzStats:
     execs: int = 0
     exec_per_s: float = 0.0  # the latest libFuzzer figure
-    coverage: int = 0
-    features: int = 0
+    coverage: int = 0  # edges of the kernel code: the most any one worker has seen
+    features: int = 0  # likewise
     corpus: int = 0
     started_from: int = 0  # inputs in the corpus at the start: resumed ones, else the seeds
     findings: int = 0  # finding directories in the crashes dir

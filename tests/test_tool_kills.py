@@ -183,7 +183,7 @@ def moment_reached(lab: Lab, moment: str, crashes: Path, started: float, corpus_
         return lambda: bool(dot_entries(builds_dir(lab))), rng.uniform(0, 1.2)
     if moment == "save":  # a worker minimizes a new finding (then saves it)
         return lambda: bool(in_progress(crashes)), rng.uniform(0, 0.5)
-    if moment == "merge":  # fork mode merging a job's new inputs into the corpus
+    if moment == "merge":  # the runner copying the workers' new inputs into the corpus
         return lambda: corpus_size(lab) > corpus_before or time.monotonic() - started > 15, rng.uniform(0, 0.05)
     at = rng.uniform(0, 5)
     return lambda: time.monotonic() - started > at, 0.0
@@ -208,7 +208,7 @@ def what_is_going_on(lab: Lab, crashes: Path, token: str) -> str:
         going.append("writing a finding")
     elif scratch:
         going.append("minimizing a finding")
-    if any(work_dir(lab).glob(".run-*/tmp/libFuzzerTemp.*")):
+    if any(work_dir(lab).glob(".run-*/seed-inputs-*")):  # a worker was started
         going.append("fuzzing")
     return "+".join(going) or f"starting ({len(family_alive(token))} processes)"
 
@@ -266,7 +266,7 @@ def fuzzing(token: str) -> bool:
             return Path(f"/proc/{pid}/cmdline").read_text()
         except OSError:
             return ""
-    return any("-fork=" in cmdline(pid) for pid in family_alive(token))
+    return any("-max_total_time=" in cmdline(pid) for pid in family_alive(token))
 
 
 def test_kills_leave_nothing_behind(lab):
