@@ -247,7 +247,7 @@ class _Workers:
         self.lines: queue.Queue[tuple[_Worker, str | None]] = queue.Queue()
         self.live: list[_Worker] = []
         self.ended_execs = 0  # programs run by workers that have ended
-        self.starts = 0
+        self.listings = 0  # seed-input lists written
 
     def run(self, jobs: int, crashes_dir: Path, display: Live | None, label: str, return_on_interrupt: bool) -> None:
         """Run ``jobs`` workers until the deadline, or Ctrl-C."""
@@ -317,9 +317,9 @@ class _Workers:
         threading.Thread(target=pump, daemon=True).start()
 
     def _seed_inputs(self) -> list[str]:
-        """The corpus directory's inputs, but for those a worker ended on,
-        as libFuzzer's list of seed inputs (its output directory, where
-        the workers' inputs go, is read too: those are taken out of it)."""
+        """The corpus directory's inputs as libFuzzer's list of seed inputs,
+        except those a worker ended on; those also leave the workers' output
+        directory, which libFuzzer reads as well (never the corpus)."""
         files = _corpus_files(self.corpus_dir)
         if self.excluded:
             files = [p for p in files if _digest(p) not in self.excluded]
@@ -330,8 +330,8 @@ class _Workers:
         if bad := next((p for p in files if "," in str(p)), None):
             raise KhoConformError(f"corpus input {bad}: libFuzzer's list of inputs cannot hold a path with a ','; "
                                   "rename the file")
-        self.starts += 1
-        listing = self.tmp / f"seed-inputs-{self.starts}"
+        self.listings += 1
+        listing = self.tmp / f"seed-inputs-{self.listings}"
         listing.write_text(",".join(map(str, files)))
         return [f"-seed_inputs=@{listing}"]
 
