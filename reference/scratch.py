@@ -82,7 +82,7 @@ def _block_keys(key: int, page_shift: int) -> list[tuple[int, int]]:
     if phys >= end:
         return []
     count = -(-(end - phys) // GIB)
-    if phys + count * GIB <= U64 + 1:
+    if phys + count * GIB <= U64:  # a last step landing on 2^64 wraps to 0, below the end
         return [(phys >> GIB_SHIFT, (phys >> GIB_SHIFT) + count - 1)]
     before = (U64 + 1 - phys + GIB - 1) // GIB  # starts below 2^64
     wrapped = phys + before * GIB - (U64 + 1)

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reference.fdt import Fdt
+from reference import quirks
 from reference.geometry import PAGE_SHIFTS
 from reference.keys import page_chunks, pfn_key
 from reference.model import handover, restore, run
@@ -253,6 +254,22 @@ def test_extend_scratch_and_walk_nodes():
     assert o.next.reserved[0] == (ARENA_BASE_PHYS, 16)
     o4 = run(prog("preserve_folio 0x10 0\npreserve_folio 0xc0000 0\nkexec", **h), KHO_V4)
     assert o4.next.scratch_marks == ((0x1000_0000, 0x10_0000),) and o4.next.walk_nodes == ()
+
+
+@pytest.mark.parametrize("pfn, wraps", [(0xffffffffc0000, True), (0xffffffff80000, False)])
+def test_extend_scratch_per_gib_goes_on_from_0_after_a_step_to_2_64(pfn, wraps):
+    """7.3 steps a 64-bit start by 1 GiB while it is below the block's end.
+    From the top 1 GiB block, the step lands on 2^64 and wraps to 0, below
+    the end: the loop goes on through every block under it until early
+    memory runs out, and nothing is marked (the kernel logs "Failed to extend
+    scratch: -12"). One block lower, the step stops short of 2^64."""
+    h = dict(ram=((0, 0x100000),), scratch=())
+    p = prog(f"preserve_folio {pfn:#x} 16\nkexec", **h)  # 256 MiB
+    G = 1 << 30
+    spec = ((0, G), (2 * G, (pfn << 12) - 2 * G))  # busy: the arena's block and the folio's; none past the folio's
+    assert run(p, KHO_V4_KEYAPI).next.scratch_marks == spec
+    quirked = run(p, KHO_V4_KEYAPI, frozenset({quirks.EXTEND_SCRATCH_PER_GIB})).next
+    assert quirked.scratch_marks == (() if wraps else spec) and quirked.may_time_out is wraps
 
 
 def test_outcome_to_json():
