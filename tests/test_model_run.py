@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reference.fdt import Fdt
 from reference import quirks
+from reference.fdt import Fdt
 from reference.geometry import PAGE_SHIFTS
 from reference.keys import page_chunks, pfn_key
 from reference.model import handover, restore, run
