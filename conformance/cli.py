@@ -197,6 +197,13 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
               f"corpus {stats.corpus} (started from {stats.started_from}), {len(stats.new_findings)} new findings")
     for path in stats.new_findings:
         out.print(f"  kho-conform replay {path}")
+    if stats.crash_inputs or stats.lost_crash_inputs:
+        lost = f" ({stats.lost_crash_inputs} more whose input was lost in a hung crash report)" \
+            if stats.lost_crash_inputs else ""
+        out.print(f"{len(stats.crash_inputs)} inputs ended a worker{lost}; "
+                  "kho-conform replay, with this run's kernel options, runs one:")
+        for path in stats.crash_inputs:
+            out.print(f"  {path}")
     if args.coverage:
         from datetime import datetime, timezone
 

@@ -7,7 +7,12 @@ out-of-memory in the kernel code ends only that worker: libFuzzer keeps its
 input (``crash-*``/``timeout-*``/``oom-*`` in the work directory
 ``<corpus>.work``, listed in ``FuzzStats.crash_inputs``) and the runner
 starts the worker again for the time left, without that input if it came
-from the corpus, so that one bad input cannot stop a run. (libFuzzer's fork
+from the corpus, so that one bad input cannot stop a run. libFuzzer's crash
+handler is not async-signal-safe: a signal that lands while the worker
+holds its allocator's lock leaves the handler waiting on that lock forever.
+A worker silent that long in its crash report is killed, and the input it
+had printed is kept for it; a worker still running past the deadline is
+killed too, so a run ends on time whatever its workers do. (libFuzzer's fork
 mode restarts every worker every few seconds, each re-running a sample of
 the corpus first; in a 60 s run that was a third of the time.)
 
@@ -31,6 +36,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -48,7 +54,7 @@ from conformance.corpus import seeds_dir
 from conformance.errors import KhoConformError
 from conformance.native.build import build, save_bundle
 from conformance.native.sanitizer import SANITIZER_ENV, sanitizer_preload
-from conformance.processes import Terminated, supervised, temp_dir
+from conformance.processes import Terminated, stop, supervised, temp_dir
 from conformance.source import KernelSource
 from conformance.source.identity import handover_label
 
@@ -62,6 +68,8 @@ DICTIONARY = FUZZ_DIR / "kho.dict"
 MAX_LEN = 1024  # bytes: the decoder reads ~20 per op, so this covers the longest programs
 TAIL = 40  # lines of a worker's output kept for error messages
 RESTART_MIN = 2  # seconds left below which a worker that ended early is not started again
+REPORT_GRACE = 10.0  # seconds of silence after which a worker's crash report counts as hung
+DEADLINE_GRACE = 5.0  # seconds past the deadline a worker gets to finish its last input
 
 # "#1234\tNEW cov: 12 ft: 34 corp: 5/67b lim: 8 exec/s: 90 ..."
 _STATS = re.compile(r"^#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)\S*.*?exec/s: (\d+)")
@@ -69,6 +77,12 @@ _FINAL = re.compile(r"^stat::number_of_executed_units:\s+(\d+)")
 _ARTIFACT = re.compile(r"Test unit written to (\S+)")
 _PROGRESS = re.compile(r"^KHO-PROGRESS (\d+)")  # fuzz.entry's own count, between libFuzzer's lines
 _INPUT_NAME = re.compile(r"[0-9a-f]{40}")
+_HUNG_REPORT, _PAST_DEADLINE = "its crash report hung", "it ran past the deadline"  # why a worker was killed
+# "==1234== ERROR: libFuzzer: deadly signal": a crash report begins; the
+# input it ends on goes to a file named after its kind and SHA-1.
+_REPORT = re.compile(r"^==\d+== ERROR: libFuzzer: (.*)")
+_BASE_UNIT = re.compile(r"; base unit: [0-9a-f]{40}$")
+_HEX_UNIT = re.compile(r"(?:0x[0-9a-f]{1,2},)*")  # the input, printed up to 256 bytes long
 
 
 def _libfuzzer(seconds: int, artifacts: Path) -> list[str]:
@@ -219,10 +233,22 @@ class _Worker:
     exec_per_s: float = 0.0
     artifact: Path | None = None  # the input it ended on, as libFuzzer wrote it
     tail: list[str] = field(default_factory=list)
+    last_output: float = field(default_factory=time.monotonic)
+    report: str | None = None  # the artifact kind ("crash", "timeout", "oom") once a crash report began
+    unit: bytes | None = None  # the input that report printed
+    killed: str | None = None  # why the runner killed it
 
     def read(self, line: str) -> None:
+        self.last_output = time.monotonic()
+        after_base_unit = bool(self.tail) and _BASE_UNIT.search(self.tail[-1]) is not None
         self.tail = (self.tail + [line.rstrip()])[-TAIL:]
-        if m := _STATS.match(line):
+        if self.report is not None and after_base_unit and line.endswith("\n") \
+                and _HEX_UNIT.fullmatch(line.rstrip("\n")):
+            self.unit = bytes(int(h, 16) for h in line.rstrip(",\n").split(",") if h)
+        elif m := _REPORT.match(line):
+            what = m[1]
+            self.report = "timeout" if what.startswith("timeout") else "oom" if what.startswith("out-of-memory") else "crash"
+        elif m := _STATS.match(line):
             execs, self.coverage, self.features, _, rate = map(int, m.groups())
             self.execs, self.exec_per_s = max(self.execs, execs), float(rate)
         elif m := _PROGRESS.match(line):
@@ -267,7 +293,9 @@ class _Workers:
             stats.corpus = len(_corpus_files(self.corpus_dir))
             found = set(iter_findings(crashes_dir))
             stats.findings, stats.new_findings = len(found), sorted(found - before)
-            stats.crash_inputs = sorted(set(_artifacts(self.work)) - artifacts_before)
+            # Whole ones only: a crash report that hung may have left its file empty.
+            stats.crash_inputs = sorted(p for p in set(_artifacts(self.work)) - artifacts_before
+                                        if _digest(p) == p.name.rsplit("-", 1)[1])
             stats.timeline.append(FuzzPoint(round(stats.seconds, 1), stats.execs, stats.exec_per_s, stats.coverage,
                                             stats.corpus, stats.findings))
             if display:
@@ -291,6 +319,7 @@ class _Workers:
                         self._ended(worker, stack)
                     elif worker is not None and line:
                         worker.read(line)
+                    self._kill_stuck()
                     if time.monotonic() - start >= next_point:
                         refresh()
                         next_point = stats.seconds + 1.0
@@ -335,6 +364,21 @@ class _Workers:
         listing.write_text(",".join(map(str, files)))
         return [f"-seed_inputs=@{listing}"]
 
+    def _kill_stuck(self) -> None:
+        """Kill a worker whose crash report has hung, or that runs past the
+        deadline; its output then ends (``_ended``)."""
+        now = time.monotonic()
+        for worker in self.live:
+            if worker.killed is not None or worker.proc.poll() is not None:
+                continue
+            if worker.report is not None and now - worker.last_output >= REPORT_GRACE:
+                worker.killed = _HUNG_REPORT
+            elif now >= self.deadline + DEADLINE_GRACE:
+                worker.killed = _PAST_DEADLINE
+            else:
+                continue
+            stop(worker.proc, signal.SIGKILL, 0)
+
     def _ended(self, worker: _Worker, stack: ExitStack) -> None:
         """A worker's output ended: done at the deadline, or ended early on an
         input (started again without it), or broken (the run stops, saying
@@ -342,15 +386,29 @@ class _Workers:
         rc = worker.proc.wait()
         self.live.remove(worker)
         self.ended_execs += worker.execs
-        if rc == 0:
+        if rc == 0 or worker.killed == _PAST_DEADLINE:
             return
-        if worker.artifact is None or not worker.artifact.is_file():
+        if worker.killed == _HUNG_REPORT:
+            if worker.unit is None:  # longer than libFuzzer prints
+                self.stats.lost_crash_inputs += 1
+            else:
+                worker.artifact = self._keep_unit(worker.report or "crash", worker.unit)
+        elif worker.artifact is None or not worker.artifact.is_file():
             detail = " | ".join(ln.strip() for ln in worker.tail[-3:])
             raise KhoConformError(f"a fuzzer worker exited with status {rc}: {detail} (see {self.work})")
-        if digest := _digest(worker.artifact):
+        if worker.artifact is not None and (digest := _digest(worker.artifact)):
             self.excluded.add(digest)
         if self.deadline - time.monotonic() >= RESTART_MIN:
             self._start(stack)
+
+    def _keep_unit(self, kind: str, unit: bytes) -> Path:
+        """Write the input of a crash report that hung where libFuzzer would
+        have (replacing any half-written file), whole, by rename."""
+        path = self.work / f"{kind}-{hashlib.sha1(unit).hexdigest()}"
+        scratch = self.tmp / f".{path.name}"
+        scratch.write_bytes(unit)
+        os.replace(scratch, path)
+        return path
 
     def _keep_found(self) -> None:
         """Copy the inputs the workers found that are whole (named by their

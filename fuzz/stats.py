@@ -32,6 +32,7 @@ class FuzzStats:
     new_findings: list[Path] = field(default_factory=list)
     timeline: list[FuzzPoint] = field(default_factory=list)
     crash_inputs: list[Path] = field(default_factory=list)  # inputs that killed a worker
+    lost_crash_inputs: int = 0  # workers killed in a hung crash report before they wrote or printed their input
     interrupted: bool = False
 
     @property

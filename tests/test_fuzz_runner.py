@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -46,7 +47,10 @@ def test_a_crashed_worker_is_started_again_for_the_time_left(tmp_path):
 
     def fuzz() -> None:
         try:
-            out["stats"] = run_fuzz(fetch("7.2"), 12, corpus_dir=corpus, crashes_dir=crashes, seconds=SECONDS, live=False)
+            # Inputs short enough for libFuzzer to print: a crash report that
+            # hangs (see below) still gives its input.
+            out["stats"] = run_fuzz(fetch("7.2"), 12, corpus_dir=corpus, crashes_dir=crashes, seconds=SECONDS, live=False,
+                                    extra_args=("-max_len=256",))
         except Exception as e:  # shown by the assertion below
             out["error"] = e
 
@@ -59,6 +63,8 @@ def test_a_crashed_worker_is_started_again_for_the_time_left(tmp_path):
         (first,) = _workers_of(os.getpid())
         # As an abort() would. (Not SIGSEGV: the runtime takes a fault in the
         # kernel code for the kernel's, an outcome compared like any other.)
+        # Landing anywhere, it may find the worker holding its allocator's
+        # lock: then the crash report hangs, and the runner kills the worker.
         os.kill(first, signal.SIGABRT)
         again = _wait_for(lambda: _workers_of(os.getpid()) - {first} or not run.is_alive(), SECONDS)
         assert again is not True and again, f"no worker was started after the crash: {out}"
@@ -67,8 +73,11 @@ def test_a_crashed_worker_is_started_again_for_the_time_left(tmp_path):
     assert "stats" in out, out
     stats = out["stats"]
     assert time.monotonic() - start >= SECONDS and stats.seconds >= SECONDS - 1, "the run ended before its time"
-    (crash,) = stats.crash_inputs
-    assert crash.parent == corpus.with_name("corpus.work") and crash.name.startswith("crash-")
+    # Hung before it printed its input, the report leaves none.
+    assert len(stats.crash_inputs) + stats.lost_crash_inputs == 1, stats
+    for crash in stats.crash_inputs:
+        assert crash.parent == corpus.with_name("corpus.work") and crash.name.startswith("crash-")
+        assert hashlib.sha1(crash.read_bytes()).hexdigest() == crash.name.removeprefix("crash-")
     assert stats.execs > 0 and not stats.interrupted
     for path in corpus.iterdir():  # the inputs found reached the corpus whole
         assert len(path.name) != 40 or hashlib.sha1(path.read_bytes()).hexdigest() == path.name
@@ -96,3 +105,56 @@ def test_a_restart_leaves_out_the_inputs_workers_crashed_on(tmp_path):
     assert listed() == ["a", "c"]
     assert sorted(p.name for p in workers.found.iterdir()) == ["other"]
     assert sorted(p.name for p in corpus.rglob("*") if p.is_file()) == ["a", "b", "c"]  # the corpus keeps it
+
+
+# A stand-in for libFuzzer: the n-th start of a worker plays the n-th part.
+# 1: its crash report hangs after printing its input (a corpus input), as
+# when a signal lands while it holds its allocator's lock; 2: the same with
+# an input too long for libFuzzer to print; 3: it never ends.
+_FAKE_WORKER = """
+import hashlib, sys, time
+from pathlib import Path
+work, starts = Path(sys.argv[1]), Path(sys.argv[2])
+n = len(list(starts.iterdir())) + 1
+(starts / str(n)).write_text(" ".join(sys.argv[3:]))
+print("#8\\tpulse  cov: 5 ft: 6 corp: 1/3b lim: 4 exec/s: 8 rss: 40Mb", flush=True)
+if n < 3:
+    unit = b"kho" if n == 1 else bytes(300)
+    print("==42== ERROR: libFuzzer: deadly signal", flush=True)
+    print("MS: 1 ChangeByte-; base unit: " + "0" * 40, flush=True)
+    if len(unit) <= 256:
+        print("".join(f"0x{b:x}," for b in unit), flush=True)
+    (work / f"crash-{hashlib.sha1(unit).hexdigest()}").touch()  # fopen'd, never written
+time.sleep(3600)
+"""
+
+
+def test_hung_crash_reports_and_workers_past_the_deadline_are_killed(tmp_path, monkeypatch):
+    corpus, work, tmp, starts, crashes = (tmp_path / d for d in ("corpus", "work", "run", "starts", "crashes"))
+    for d in (corpus, work, tmp, starts, crashes):
+        d.mkdir()
+    (corpus / "kho").write_bytes(b"kho")
+    (corpus / "other").write_bytes(b"other")
+    script = tmp_path / "fake_libfuzzer.py"
+    script.write_text(_FAKE_WORKER)
+    monkeypatch.setattr("fuzz.runner._libfuzzer", lambda seconds, artifacts: [sys.executable, str(script), str(artifacts), str(starts)])
+    monkeypatch.setattr("fuzz.runner.REPORT_GRACE", 1.0)
+    monkeypatch.setattr("fuzz.runner.DEADLINE_GRACE", 1.0)
+    stats = FuzzStats()
+    seconds = 8
+    start = time.monotonic()
+    workers = _Workers(dict(os.environ), work, corpus, tmp, (), stats, start + seconds)
+    workers.run(1, crashes, None, "fake", True)
+    took = time.monotonic() - start
+
+    assert seconds + 1 <= took < seconds + 30, f"the run took {took:.1f} s"  # not the fake worker's hour
+    assert sorted(p.name for p in starts.iterdir()) == ["1", "2", "3"]
+    kept = work / f"crash-{hashlib.sha1(b'kho').hexdigest()}"
+    assert stats.crash_inputs == [kept] and kept.read_bytes() == b"kho"
+    assert stats.lost_crash_inputs == 1  # the 300-byte one, left out of crash_inputs (its file is empty)
+    assert hashlib.sha1(b"kho").hexdigest() in workers.excluded
+    # The restarts' seed inputs leave out the input the first worker hung on.
+    for n in ("2", "3"):
+        (flag,) = [a for a in (starts / n).read_text().split() if a.startswith("-seed_inputs=@")]
+        assert [Path(p).name for p in Path(flag.split("@", 1)[1]).read_text().split(",")] == ["other"]
+    assert stats.execs == 3 * 8 and not workers.live
