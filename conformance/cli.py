@@ -201,7 +201,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         lost = f" ({stats.lost_crash_inputs} more whose input was lost in a hung crash report)" \
             if stats.lost_crash_inputs else ""
         out.print(f"{len(stats.crash_inputs)} inputs ended a worker{lost}; "
-                  "kho-conform replay, with this run's kernel options, runs one:")
+                  "kho-conform replay, with this run's kernel options, runs one (the worker's report is beside it, .log):")
         for path in stats.crash_inputs:
             out.print(f"  {path}")
     if args.coverage:

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +67,7 @@ PROJECT_ROOT = FUZZ_DIR.parent
 ENTRY = FUZZ_DIR / "entry.py"
 DICTIONARY = FUZZ_DIR / "kho.dict"
 MAX_LEN = 1024  # bytes: the decoder reads ~20 per op, so this covers the longest programs
-TAIL = 40  # lines of a worker's output kept for error messages
+TAIL = 300  # lines of a worker's output kept: for error messages, and the report beside an input it ended on
 RESTART_MIN = 2  # seconds left below which a worker that ended early is not started again
 REPORT_GRACE = 10.0  # seconds of silence after which a worker's crash report counts as hung
 DEADLINE_GRACE = 5.0  # seconds past the deadline a worker gets to finish its last input
@@ -81,6 +82,7 @@ _HUNG_REPORT, _PAST_DEADLINE = "its crash report hung", "it ran past the deadlin
 # "==1234== ERROR: libFuzzer: deadly signal": a crash report begins; the
 # input it ends on goes to a file named after its kind and SHA-1.
 _REPORT = re.compile(r"^==\d+== ERROR: libFuzzer: (.*)")
+_ANY_REPORT = re.compile(r"^==\d+== ?ERROR: ")  # libFuzzer's, or a sanitizer's that ends the worker
 _BASE_UNIT = re.compile(r"; base unit: [0-9a-f]{40}$")
 _HEX_UNIT = re.compile(r"(?:0x[0-9a-f]{1,2},)*")  # the input, printed up to 256 bytes long
 
@@ -152,7 +154,9 @@ def _seed(corpus_dir: Path, scratch: Path) -> int:
 
 
 def _artifacts(work: Path) -> list[Path]:
-    return [p for pattern in ("crash-*", "timeout-*", "oom-*", "leak-*") for p in work.glob(pattern)]
+    """The inputs that ended a worker, as libFuzzer names them (not their reports, ``.log``)."""
+    return [p for pattern in ("crash-*", "timeout-*", "oom-*", "leak-*") for p in work.glob(pattern)
+            if p.suffix != ".log"]
 
 
 def _digest(path: Path) -> str | None:
@@ -232,7 +236,7 @@ class _Worker:
     features: int = 0
     exec_per_s: float = 0.0
     artifact: Path | None = None  # the input it ended on, as libFuzzer wrote it
-    tail: list[str] = field(default_factory=list)
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL))
     last_output: float = field(default_factory=time.monotonic)
     report: str | None = None  # the artifact kind ("crash", "timeout", "oom") once a crash report began
     unit: bytes | None = None  # the input that report printed
@@ -241,7 +245,7 @@ class _Worker:
     def read(self, line: str) -> None:
         self.last_output = time.monotonic()
         after_base_unit = bool(self.tail) and _BASE_UNIT.search(self.tail[-1]) is not None
-        self.tail = (self.tail + [line.rstrip()])[-TAIL:]
+        self.tail.append(line.rstrip())
         if self.report is not None and after_base_unit and line.endswith("\n") \
                 and _HEX_UNIT.fullmatch(line.rstrip("\n")):
             self.unit = bytes(int(h, 16) for h in line.rstrip(",\n").split(",") if h)
@@ -394,12 +398,27 @@ class _Workers:
             else:
                 worker.artifact = self._keep_unit(worker.report or "crash", worker.unit)
         elif worker.artifact is None or not worker.artifact.is_file():
-            detail = " | ".join(ln.strip() for ln in worker.tail[-3:])
+            detail = " | ".join(ln.strip() for ln in list(worker.tail)[-3:])
             raise KhoConformError(f"a fuzzer worker exited with status {rc}: {detail} (see {self.work})")
-        if worker.artifact is not None and (digest := _digest(worker.artifact)):
-            self.excluded.add(digest)
+        if worker.artifact is not None:
+            self._keep_report(worker)
+            if digest := _digest(worker.artifact):
+                self.excluded.add(digest)
         if self.deadline - time.monotonic() >= RESTART_MIN:
             self._start(stack)
+
+    def _keep_report(self, worker: _Worker) -> None:
+        """Write what the worker printed from its last crash report on (its
+        last lines if none began) beside the input it ended on, as
+        ``<input>.log``, whole, by rename."""
+        assert worker.artifact is not None
+        lines = list(worker.tail)
+        # The last report: the one that ended it (a sanitizer's that did not may come before).
+        start = max((i for i, ln in enumerate(lines) if _ANY_REPORT.match(ln)), default=0)
+        log = worker.artifact.with_name(worker.artifact.name + ".log")
+        scratch = self.tmp / f".{log.name}"
+        scratch.write_text("\n".join(lines[start:]) + "\n")
+        os.replace(scratch, log)
 
     def _keep_unit(self, kind: str, unit: bytes) -> Path:
         """Write the input of a crash report that hung where libFuzzer would

@@ -78,6 +78,7 @@ def test_a_crashed_worker_is_started_again_for_the_time_left(tmp_path):
     for crash in stats.crash_inputs:
         assert crash.parent == corpus.with_name("corpus.work") and crash.name.startswith("crash-")
         assert hashlib.sha1(crash.read_bytes()).hexdigest() == crash.name.removeprefix("crash-")
+        assert "ERROR: libFuzzer: deadly signal" in crash.with_name(crash.name + ".log").read_text()
     assert stats.execs > 0 and not stats.interrupted
     for path in corpus.iterdir():  # the inputs found reached the corpus whole
         assert len(path.name) != 40 or hashlib.sha1(path.read_bytes()).hexdigest() == path.name
@@ -120,6 +121,7 @@ n = len(list(starts.iterdir())) + 1
 print("#8\\tpulse  cov: 5 ft: 6 corp: 1/3b lim: 4 exec/s: 8 rss: 40Mb", flush=True)
 if n < 3:
     unit = b"kho" if n == 1 else bytes(300)
+    print("==42==ERROR: AddressSanitizer: heap-buffer-overflow (reported, the run goes on)", flush=True)
     print("==42== ERROR: libFuzzer: deadly signal", flush=True)
     print("MS: 1 ChangeByte-; base unit: " + "0" * 40, flush=True)
     if len(unit) <= 256:
@@ -151,6 +153,9 @@ def test_hung_crash_reports_and_workers_past_the_deadline_are_killed(tmp_path, m
     assert sorted(p.name for p in starts.iterdir()) == ["1", "2", "3"]
     kept = work / f"crash-{hashlib.sha1(b'kho').hexdigest()}"
     assert stats.crash_inputs == [kept] and kept.read_bytes() == b"kho"
+    # Its report beside it, from the report that ended the worker on.
+    assert kept.with_name(kept.name + ".log").read_text().splitlines() == [
+        "==42== ERROR: libFuzzer: deadly signal", "MS: 1 ChangeByte-; base unit: " + "0" * 40, "0x6b,0x68,0x6f,"]
     assert stats.lost_crash_inputs == 1  # the 300-byte one, left out of crash_inputs (its file is empty)
     assert hashlib.sha1(b"kho").hexdigest() in workers.excluded
     # The restarts' seed inputs leave out the input the first worker hung on.
