@@ -29,6 +29,7 @@ Model policies, in one place:
 from __future__ import annotations
 
 import struct
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -69,6 +70,7 @@ from .outcome import (
     NextBoot,
     OpResult,
     Outcome,
+    Pairs,
     TreeNode,
 )
 from .profiles import Profile
@@ -894,19 +896,21 @@ def handover(image: Image, header: Header, profile: Profile,
         if keys and keys[0] < 2:  # no order bit inside the key: no (phys, order) it could name
             return reject(f"tree key {keys[0]} encodes no page")
 
-    walk = tuple(kernel_decode(k, P) if trusting else decode(k, P) for k in keys)
-    if quirks.RESERVE_SIZE_INT_OVERFLOW in quirk_set:
-        blocks = tuple((phys, x86_int_shift(order + P) & U64) for phys, order in walk)
-    else:
-        blocks = tuple((phys, x86_shl64(1, order + P)) for phys, order in walk)
+    # One pass over the keys, the pairs into flat words (Pairs): a handover may hold 10^6 blocks.
+    walk_words, block_words = array("Q"), array("Q")
+    int_overflow = quirks.RESERVE_SIZE_INT_OVERFLOW in quirk_set
     magic: dict[int, int] = {}
     phantom: list[int] = []
-    for phys, order in walk:
+    for k in keys:
+        phys, order = kernel_decode(k, P) if trusting else decode(k, P)
+        walk_words.extend((phys, order))
+        block_words.extend((phys, x86_int_shift(order + P) & U64 if int_overflow else x86_shl64(1, order + P)))
         pfn = phys >> P
         if header.is_ram(pfn):
             magic[pfn] = order
         else:
             phantom.append(pfn)
+    walk, blocks = Pairs.of_words(walk_words), Pairs.of_words(block_words)
 
     scratch_marks = scratch_entries(image.scratch)
     slow = False
@@ -926,9 +930,9 @@ def handover(image: Image, header: Header, profile: Profile,
         accepted=True,
         walk=walk,
         walk_nodes=node_pages if profile.key_api else (),
-        reserved=((image.scratch_phys, len(image.scratch)), *blocks),
+        reserved=Pairs.of_words(array("Q", (image.scratch_phys, len(image.scratch))) + block_words),
         noinit=blocks,
-        scratch_marks=tuple(scratch_marks),
+        scratch_marks=Pairs(scratch_marks),
         phantom=tuple(phantom),
         may_time_out=slow,
     )
@@ -951,7 +955,7 @@ def restore(image: Image, steps: tuple[Step, ...] | list[Step], header: Header, 
     """Boot a next kernel on ``image`` (from the model or from the C code) and
     run ``steps`` on it. The returned ``magic`` is the state at handover."""
     next_boot, magic, fdt = handover(image, header, profile, quirks)
-    next_boot = replace(next_boot, magic=tuple(sorted(magic.items())))
+    next_boot = replace(next_boot, magic=Pairs(sorted(magic.items())))
     kernel = NextKernel(header, profile, next_boot.accepted, dict(magic), fdt, quirks=quirks, image=image)
     results: list[OpResult] = []
     for step in steps:

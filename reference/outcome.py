@@ -13,8 +13,10 @@ Op result conventions (``OpResult.rc``):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from array import array
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 
 # Loop steps of kernel code past which the kernel may not finish within the
 # harness's CPU budget (native.contract.CPU_BUDGET_MS per op): the outcome is the model's,
@@ -88,6 +90,60 @@ class Image:
     arena_hwm: int = 0
 
 
+class Pairs:
+    """(u64, u64) pairs, held packed: 16 bytes each instead of a tuple and
+    two ints (a next kernel's boot lists several per preserved block, and a
+    handover may hold 10^6 blocks). Reads as a tuple of pairs; equal to
+    another ``Pairs`` or a tuple with the same pairs in the same order."""
+
+    __slots__ = ("_words",)
+
+    def __init__(self, pairs: Iterable[tuple[int, int]] = ()) -> None:
+        self._words = pairs._words if isinstance(pairs, Pairs) else array("Q", chain.from_iterable(pairs))
+
+    @classmethod
+    def of_words(cls, words: array) -> Pairs:
+        """From the flat words a, b, a, b, ... (an array("Q"), taken as is)."""
+        out = cls.__new__(cls)
+        out._words = words
+        return out
+
+    def __len__(self) -> int:
+        return len(self._words) // 2
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        words = iter(self._words)
+        return zip(words, words)
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        i = range(len(self))[i]  # negative indices, and IndexError
+        return self._words[2 * i], self._words[2 * i + 1]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Pairs):
+            return self._words == other._words
+        if isinstance(other, tuple):
+            return tuple(self) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))  # as the equal tuple's
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+    def __reduce__(self) -> tuple:
+        return Pairs.of_words, (self._words,)
+
+    def __deepcopy__(self, memo: dict) -> tuple[tuple[int, int], ...]:
+        # dataclasses.asdict (Outcome.to_json, digests) deep-copies fields:
+        # give it the tuple the field reads as.
+        return tuple(self)
+
+
+_PAIRS_FIELDS = ("walk", "reserved", "noinit", "scratch_marks", "magic")
+
+
 @dataclass(frozen=True)
 class NextBoot:
     """What the next kernel's boot made of the handover: whether it took
@@ -95,16 +151,23 @@ class NextBoot:
 
     accepted: bool
     reason: str = ""  # why the handover was refused (model) or the kernel's log (C)
-    walk: tuple[tuple[int, int], ...] = ()  # (phys, order) in walk order
+    # Pair lists (one or more pairs per preserved block) are Pairs, whatever iterable of pairs is given.
+    walk: Pairs = Pairs()  # (phys, order) in walk order
     walk_nodes: tuple[int, ...] = ()  # node pages visited (key-API kernels)
-    reserved: tuple[tuple[int, int], ...] = ()  # memblock_reserve(phys, size), in call order
-    noinit: tuple[tuple[int, int], ...] = ()  # memblock_reserved_mark_noinit
-    scratch_marks: tuple[tuple[int, int], ...] = ()  # memblock_mark_kho_scratch
-    magic: tuple[tuple[int, int], ...] = ()  # (pfn, order) of RAM head pages with the KHO magic
+    reserved: Pairs = Pairs()  # memblock_reserve(phys, size), in call order
+    noinit: Pairs = Pairs()  # memblock_reserved_mark_noinit
+    scratch_marks: Pairs = Pairs()  # memblock_mark_kho_scratch
+    magic: Pairs = Pairs()  # (pfn, order) of RAM head pages with the KHO magic
     phantom: tuple[int, ...] = ()  # non-RAM pfns whose struct page the walk touched
     # The model's alone (not compared): under a quirk, the next kernel's boot
     # does so much work that the kernel may exceed its CPU budget instead.
     may_time_out: bool = False
+
+    def __post_init__(self) -> None:
+        for name in _PAIRS_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, Pairs):
+                object.__setattr__(self, name, Pairs(value))
 
 
 @dataclass(frozen=True)

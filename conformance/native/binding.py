@@ -9,6 +9,7 @@ import functools
 import os
 import re
 import struct
+from array import array
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from reference.arena import words_from_bytes, words_to_bytes
 from reference.fdt import Fdt
 from reference.geometry import geometry
 from reference.image import PageStore
-from reference.outcome import Image, NextBoot, OpResult, Outcome, SanitizerReport, TreeNode
+from reference.outcome import Image, NextBoot, OpResult, Outcome, Pairs, SanitizerReport, TreeNode
 from reference.program import ARENA_BASE_PHYS, NOT_RUN, Header, Op, Program, Step
 from reference.tree import leaf_bits, traverse
 
@@ -149,19 +150,23 @@ class NativeKernel:
         vmaps: dict[int, list[tuple[int, int]]] = {}
         events, event_ops, log, reports = [], [], [], []
         state = None
-        nxt = {"walk": [], "walk_nodes": [], "reserved": [], "noinit": [], "scratch_marks": [], "magic": [], "phantom": []}
-        walk, walk_nodes, magic = nxt["walk"], nxt["walk_nodes"], nxt["magic"]
+        # Pairs, one or more per preserved block, go into flat arrays (reference.outcome.Pairs).
+        pairs = {"walk": array("Q"), "reserved": array("Q"), "noinit": array("Q"), "scratch_marks": array("Q"),
+                 "magic": array("Q")}
+        walk_nodes: list[int] = []
+        phantom: list[int] = []
+        walk, magic = pairs["walk"].extend, pairs["magic"].extend
         for kind, op, a, b, c in records:  # the kinds of every op and every preserved block first
             if kind == _OP:
                 answers[op] = (_signed(a), b, c)
             elif kind == _WALK:
-                walk.append((a, b))
+                walk((a, b))
             elif kind == _MAGIC:
-                magic.append((a, b))
+                magic((a, b))
             elif kind == _MEMBLOCK:
                 key = _MEMBLOCK_LISTS.get(c)
                 if key and foreign:  # the old kernel's own marks are not the handover's
-                    nxt[key].append((a, b))
+                    pairs[key].extend((a, b))
             elif kind == _WALK_NODE:
                 walk_nodes.append(a)
             elif kind == Rec.BOOT:
@@ -178,7 +183,7 @@ class NativeKernel:
             elif kind == Rec.STATE:
                 state = (a, b, c)
             elif kind == Rec.PHANTOM:
-                nxt["phantom"].append(a)
+                phantom.append(a)
             elif kind == Rec.VMAP:
                 vmaps.setdefault(op, []).append((a, b))
         results = _op_results(answers, warns, vmaps)
@@ -187,7 +192,7 @@ class NativeKernel:
             accepted = results[0].rc == 0
             next_boot = NextBoot(
                 accepted=accepted, reason="" if accepted else "; ".join(log[-3:]),
-                **{k: tuple(v) for k, v in nxt.items()},
+                walk_nodes=tuple(walk_nodes), phantom=tuple(phantom), **{k: Pairs.of_words(v) for k, v in pairs.items()},
             )
         fields: dict = {}
         memory: dict[int, memoryview | bytes] = {}
