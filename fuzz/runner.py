@@ -396,7 +396,7 @@ class _Workers:
             if worker.unit is None:  # longer than libFuzzer prints
                 self.stats.lost_crash_inputs += 1
             else:
-                worker.artifact = self._keep_unit(worker.report or "crash", worker.unit)
+                worker.artifact = self._keep_unit(worker.report, worker.unit)
         elif worker.artifact is None or not worker.artifact.is_file():
             detail = " | ".join(ln.strip() for ln in list(worker.tail)[-3:])
             raise KhoConformError(f"a fuzzer worker exited with status {rc}: {detail} (see {self.work})")
@@ -410,24 +410,27 @@ class _Workers:
     def _keep_report(self, worker: _Worker) -> None:
         """Write what the worker printed from its last crash report on (its
         last lines if none began) beside the input it ended on, as
-        ``<input>.log``, whole, by rename."""
+        ``<input>.log``."""
         assert worker.artifact is not None
         lines = list(worker.tail)
         # The last report: the one that ended it (a sanitizer's that did not may come before).
         start = max((i for i, ln in enumerate(lines) if _ANY_REPORT.match(ln)), default=0)
-        log = worker.artifact.with_name(worker.artifact.name + ".log")
-        scratch = self.tmp / f".{log.name}"
-        scratch.write_text("\n".join(lines[start:]) + "\n")
-        os.replace(scratch, log)
+        self._write_whole(worker.artifact.with_name(worker.artifact.name + ".log"),
+                          ("\n".join(lines[start:]) + "\n").encode())
 
-    def _keep_unit(self, kind: str, unit: bytes) -> Path:
-        """Write the input of a crash report that hung where libFuzzer would
-        have (replacing any half-written file), whole, by rename."""
+    def _keep_unit(self, kind: str | None, unit: bytes) -> Path:
+        """Write the input of a crash report (of ``kind``) that hung where
+        libFuzzer would have, replacing any half-written file."""
         path = self.work / f"{kind}-{hashlib.sha1(unit).hexdigest()}"
-        scratch = self.tmp / f".{path.name}"
-        scratch.write_bytes(unit)
-        os.replace(scratch, path)
+        self._write_whole(path, unit)
         return path
+
+    def _write_whole(self, path: Path, data: bytes) -> None:
+        """Write ``path`` so that it only ever appears whole: in the run's
+        directory (the same file system), then by rename."""
+        scratch = self.tmp / f".{path.name}"
+        scratch.write_bytes(data)
+        os.replace(scratch, path)
 
     def _keep_found(self) -> None:
         """Copy the inputs the workers found that are whole (named by their

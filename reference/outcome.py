@@ -141,7 +141,7 @@ class Pairs:
         return tuple(self)
 
 
-_PAIRS_FIELDS = ("walk", "reserved", "noinit", "scratch_marks", "magic")
+PAIRS_FIELDS = ("walk", "reserved", "noinit", "scratch_marks", "magic")  # the NextBoot fields that are Pairs
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ class NextBoot:
     may_time_out: bool = False
 
     def __post_init__(self) -> None:
-        for name in _PAIRS_FIELDS:
+        for name in PAIRS_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, Pairs):
                 object.__setattr__(self, name, Pairs(value))

@@ -21,7 +21,7 @@ from reference.arena import words_from_bytes, words_to_bytes
 from reference.fdt import Fdt
 from reference.geometry import geometry
 from reference.image import PageStore
-from reference.outcome import Image, NextBoot, OpResult, Outcome, Pairs, SanitizerReport, TreeNode
+from reference.outcome import PAIRS_FIELDS, Image, NextBoot, OpResult, Outcome, Pairs, SanitizerReport, TreeNode
 from reference.program import ARENA_BASE_PHYS, NOT_RUN, Header, Op, Program, Step
 from reference.tree import leaf_bits, traverse
 
@@ -151,8 +151,7 @@ class NativeKernel:
         events, event_ops, log, reports = [], [], [], []
         state = None
         # Pairs, one or more per preserved block, go into flat arrays (reference.outcome.Pairs).
-        pairs = {"walk": array("Q"), "reserved": array("Q"), "noinit": array("Q"), "scratch_marks": array("Q"),
-                 "magic": array("Q")}
+        pairs = {name: array("Q") for name in PAIRS_FIELDS}
         walk_nodes: list[int] = []
         phantom: list[int] = []
         walk, magic = pairs["walk"].extend, pairs["magic"].extend
