@@ -23,7 +23,11 @@ import struct
 import libfdt
 import pytest
 from conftest import PAGE_SHIFTS, SERIES
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from conformance.native.binding import _op_results
+from reference.outcome import OpResult
 from reference.program import ARENA_BASE_PHYS, NOT_RUN, parse_program
 
 GIB = 1 << 30
@@ -308,3 +312,23 @@ def test_log_renders_kernel_pointer_extensions(series, native_for):
     assert marked, o.log
     # %pa prints the phys_addr_t the pointer points to, as 0x%016llx
     assert "0000000020000000" in marked[0] and "0000000001000000" in marked[0], marked
+
+
+_ANSWER = st.tuples(st.sampled_from([NOT_RUN, 0, -22, 7]), st.integers(0, 3), st.sampled_from([0, 1, 2**64 - 1]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(answers=st.lists(_ANSWER, max_size=24), data=st.data())
+def test_op_results_are_the_answers_with_their_warnings_and_pages(answers, data):
+    """The binding's OpResults, built from the answers the library keeps one
+    per op, are each op's answer with that op's warnings and vmalloc pages;
+    records of an op outside the program (boot) belong to none."""
+    ops = st.integers(0, len(answers) + 2)
+    warns = data.draw(st.dictionaries(ops, st.lists(st.sampled_from(["f:1: a", "g:2: b"]), min_size=1, max_size=2)))
+    vmaps = data.draw(st.dictionaries(ops, st.lists(st.tuples(st.integers(0, 9), st.integers(1, 4)), min_size=1, max_size=2)))
+    got = _op_results(iter(answers), warns, vmaps)
+    assert got == tuple(OpResult(rc, v, v2, tuple(warns.get(i, ())), tuple(vmaps.get(i, ())))
+                        for i, (rc, v, v2) in enumerate(answers))
+    plain = [i for i in range(len(answers)) if i not in warns and i not in vmaps]
+    for i in plain:  # equal plain answers share one object
+        assert all(got[i] is got[j] for j in plain if answers[j] == answers[i])

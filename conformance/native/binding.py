@@ -10,7 +10,7 @@ import os
 import re
 import struct
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,24 +21,19 @@ from reference.arena import words_from_bytes, words_to_bytes
 from reference.fdt import Fdt
 from reference.geometry import geometry
 from reference.image import PageStore
-from reference.outcome import PAIRS_FIELDS, Image, NextBoot, OpResult, Outcome, Pairs, SanitizerReport, TreeNode
+from reference.outcome import Image, NextBoot, OpResult, Outcome, Pairs, SanitizerReport, TreeNode
 from reference.program import ARENA_BASE_PHYS, NOT_RUN, Header, Op, Program, Step
 from reference.tree import leaf_bits, traverse
 
 from ..errors import KhoConformError
 from ..source.tree_files import KHO_C
 from .build import SANITIZED_FLAVORS, Build, line_hash
-from .contract import OP_BOOT, REC, Memblock, Rec, cdef, pack_image, pack_memory, pack_program
+from .contract import ANSWER, OP_BOOT, PAIR_STREAMS, REC, Rec, Stream, cdef, pack_image, pack_memory, pack_program
 from .sanitizer import symbolize
 
 _ffi = FFI()
 _ffi.cdef(cdef())
 _KHO_FRAME = re.compile(r"kexec_handover\.c:(\d+)")
-
-
-# The frequent record kinds as plain ints (compared once per record).
-_OP, _WALK, _MAGIC, _MEMBLOCK, _WALK_NODE = int(Rec.OP), int(Rec.WALK), int(Rec.MAGIC), int(Rec.MEMBLOCK), int(Rec.WALK_NODE)
-_MEMBLOCK_LISTS = {Memblock.RESERVE: "reserved", Memblock.NOINIT: "noinit", Memblock.SCRATCH: "scratch_marks"}
 
 
 def _signed(x: int) -> int:
@@ -99,7 +94,7 @@ class NativeKernel:
         blob = pack_program(program)
         if self.lib.kc_run(_ffi.from_buffer(blob), len(blob), _ffi.NULL, 0):
             raise KhoConformError("the driver refused the program header")
-        return self._outcome(program.header, len(program.steps), foreign=False, like=like)
+        return self._outcome(program.header, foreign=False, like=like)
 
     def abi_constants(self) -> dict[str, int]:
         """Depth, table and bitmap sizes and key width as the tree's code defines them."""
@@ -127,14 +122,12 @@ class NativeKernel:
         blob = pack_program(program)
         if self.lib.kc_run(_ffi.from_buffer(blob), len(blob), _ffi.from_buffer(img), len(img)):
             raise KhoConformError("the driver refused the program header")
-        return self._outcome(header, len(program.steps), foreign=True)[0]
+        return self._outcome(header, foreign=True)[0]
 
-    def _outcome(self, header: Header, nsteps: int, foreign: bool,
+    def _outcome(self, header: Header, foreign: bool,
                  like: Outcome | None = None) -> tuple[Outcome, dict[int, memoryview | bytes]]:
         n = _ffi.new("unsigned long *")
         recs = self.lib.kc_records(n)
-        # Read the C array in place, one record at a time: a program of 10^6
-        # ops leaves millions of records, which must not become a list.
         records = struct.iter_unpack(REC.format, _ffi.buffer(recs, n[0] * REC.size)) if n[0] else ()
         tn = _ffi.new("unsigned long *")
         tbuf = self.lib.kc_text_buffer(tn)
@@ -144,31 +137,12 @@ class NativeKernel:
             return text[off : text.index(b"\0", off)].decode(errors="replace")
 
         boot_rc, boot_warn = 0, []
-        # Per op, sparse: a program of 10^6 ops must not hold 10^6 lists.
-        answers: list[tuple[int, int, int] | None] = [None] * nsteps
         warns: dict[int, list[str]] = {}
         vmaps: dict[int, list[tuple[int, int]]] = {}
         events, event_ops, log, reports = [], [], [], []
         state = None
-        # Pairs, one or more per preserved block, go into flat arrays (reference.outcome.Pairs).
-        pairs = {name: array("Q") for name in PAIRS_FIELDS}
-        walk_nodes: list[int] = []
-        phantom: list[int] = []
-        walk, magic = pairs["walk"].extend, pairs["magic"].extend
-        for kind, op, a, b, c in records:  # the kinds of every op and every preserved block first
-            if kind == _OP:
-                answers[op] = (_signed(a), b, c)
-            elif kind == _WALK:
-                walk((a, b))
-            elif kind == _MAGIC:
-                magic((a, b))
-            elif kind == _MEMBLOCK:
-                key = _MEMBLOCK_LISTS.get(c)
-                if key and foreign:  # the old kernel's own marks are not the handover's
-                    pairs[key].extend((a, b))
-            elif kind == _WALK_NODE:
-                walk_nodes.append(a)
-            elif kind == Rec.BOOT:
+        for kind, op, a, b, c in records:  # the rare kinds: the frequent ones are in streams
+            if kind == Rec.BOOT:
                 boot_rc = _signed(a)
             elif kind == Rec.WARN:
                 (boot_warn if op == OP_BOOT else warns.setdefault(op, [])).append(string(a))
@@ -181,17 +155,17 @@ class NativeKernel:
                 reports.append(self._report(string(a), None if op == OP_BOOT else op, ended=bool(b), code=c))
             elif kind == Rec.STATE:
                 state = (a, b, c)
-            elif kind == Rec.PHANTOM:
-                phantom.append(a)
             elif kind == Rec.VMAP:
                 vmaps.setdefault(op, []).append((a, b))
-        results = _op_results(answers, warns, vmaps)
+        results = _op_results(self._answers(), warns, vmaps)
         next_boot = None
         if foreign:  # only a run from an image boots a next kernel; ops[0] is its kexec
             accepted = results[0].rc == 0
             next_boot = NextBoot(
                 accepted=accepted, reason="" if accepted else "; ".join(log[-3:]),
-                walk_nodes=tuple(walk_nodes), phantom=tuple(phantom), **{k: Pairs.of_words(v) for k, v in pairs.items()},
+                walk_nodes=tuple(self._stream(Stream.WALK_NODE)), phantom=tuple(self._stream(Stream.PHANTOM)),
+                # the old kernel's own memblock marks are not the handover's: only a next kernel's are read
+                **{name: Pairs.of_words(self._stream(stream)) for name, stream in PAIR_STREAMS.items()},
             )
         fields: dict = {}
         memory: dict[int, memoryview | bytes] = {}
@@ -201,6 +175,25 @@ class NativeKernel:
             boot=OpResult(boot_rc, 0, 0, tuple(boot_warn)), ops=results, next=next_boot,
             events=tuple(events), event_ops=tuple(event_ops), log=tuple(log), reports=tuple(reports), **fields,
         ), memory
+
+    def _stream(self, stream: Stream) -> array:
+        """A stream's words, copied out of the library in one step."""
+        n = _ffi.new("unsigned long *")
+        words = self.lib.kc_stream(stream, n)
+        out = array("Q")
+        if n[0]:
+            out.frombytes(_ffi.buffer(words, n[0] * 8))
+        return out
+
+    def _answers(self) -> Iterator[tuple[int, int, int]]:
+        """Each op's (rc, value, value2), read in place (valid until the next run)."""
+        n = _ffi.new("unsigned long *")
+        answers = self.lib.kc_answers(n)
+        if not n[0]:
+            return iter(())
+        raw = memoryview(_ffi.buffer(answers, n[0] * ANSWER.size))
+        signed, unsigned = raw.cast("q"), raw.cast("Q")
+        return zip(signed[0::3], unsigned[1::3], unsigned[2::3])
 
     def _report(self, text: str, op: int | None, ended: bool, code: int) -> SanitizerReport:
         """A Rec.SANITIZER record: "kind\tfile\tline\tcolumn\tdetail". ASan
@@ -261,21 +254,24 @@ class NativeKernel:
         return {"root_phys": root_phys, "tree": tree, "node_pages": node_pages, "fdt": fdt, "image": image}, memory
 
 
-def _op_results(answers: list[tuple[int, int, int] | None], warns: dict[int, list[str]],
+class _SharedResults(dict):
+    """Plain answers' OpResults, one (immutable) object per distinct answer."""
+
+    def __missing__(self, answer: tuple[int, int, int]) -> OpResult:
+        result = self[answer] = OpResult(*answer)
+        return result
+
+
+def _op_results(answers: Iterable[tuple[int, int, int]], warns: dict[int, list[str]],
                 vmaps: dict[int, list[tuple[int, int]]]) -> tuple[OpResult, ...]:
-    """One OpResult per op (NOT_RUN where the op left no answer); equal plain
-    answers share one (immutable) object."""
-    shared: dict[tuple[int, int, int], OpResult] = {}
-    out = []
-    for i, answer in enumerate(answers):
-        rc, v, v2 = answer or (NOT_RUN, 0, 0)
-        if i in warns or i in vmaps:
-            out.append(OpResult(rc, v, v2, tuple(warns.get(i, ())), tuple(vmaps.get(i, ()))))
-            continue
-        r = shared.get((rc, v, v2))
-        if r is None:
-            r = shared[rc, v, v2] = OpResult(rc, v, v2)
-        out.append(r)
+    """One OpResult per op's answer (rc NOT_RUN: the op left none); equal
+    plain answers share one object."""
+    shared = _SharedResults()
+    out = [shared[answer] for answer in answers]
+    for i in sorted(warns.keys() | vmaps.keys()):
+        if i < len(out):
+            r = out[i]
+            out[i] = OpResult(r.rc, r.value, r.value2, tuple(warns.get(i, ())), tuple(vmaps.get(i, ())))
     return tuple(out)
 
 

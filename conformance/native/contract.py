@@ -6,8 +6,9 @@ the driver, the runtime and the shims):
 
 - the packed program: ``struct kc_header`` then ``struct kc_step[]``
   (the op kinds and limits of the op language, ``reference.program``);
-- the records a run leaves: ``struct kc_rec`` and its kinds (``Rec``), the
-  memblock call kinds (``Memblock``);
+- what a run leaves: each op's ``struct kc_answer``, the streams of
+  frequent records (``Stream``), the other records (``struct kc_rec`` and
+  its kinds, ``Rec``), the memblock call kinds (``Memblock``);
 - the foreign handover image: ``struct kc_image`` then, per page,
   ``u64 phys`` and the page's bytes;
 - the error codes and result conventions of ``reference.outcome``.
@@ -24,7 +25,7 @@ from enum import IntEnum
 
 from reference.geometry import MAX_PAGE_ORDER
 from reference.image import MemoryPages
-from reference.outcome import ERRNO, Image
+from reference.outcome import ERRNO, PAIRS_FIELDS, Image
 from reference.program import (
     ALLOC_SLOTS_OFFSET,
     AREA_ALLOC,
@@ -57,16 +58,12 @@ from reference.program import (
 
 
 class Rec(IntEnum):
-    """Record kinds: what a run reports, in order (``struct kc_rec``)."""
+    """Record kinds: what a run reports besides its answers and streams, in
+    order (``struct kc_rec``)."""
 
-    OP = 1  # a = rc, b = value, c = value2
     WARN = 2  # a = text offset of "func:line: cond"
     LOG = 3  # a = text offset
-    MEMBLOCK = 4  # a = base, b = size, c = Memblock kind
-    WALK = 5  # a = phys, b = order
-    WALK_NODE = 6  # a = phys
-    MAGIC = 7  # a = pfn, b = order
-    PHANTOM = 8  # a = pfn
+    MEMBLOCK = 4  # a = base, b = size, c = Memblock kind (one without a Stream)
     EVENT = 9  # a = text offset: fault, timeout, sanitizer report, out-of-arena access
     STATE = 10  # a = root phys, b = fdt phys, c = arena high-water mark (pages)
     BOOT = 11  # a = rc of the old kernel's KHO init
@@ -74,6 +71,24 @@ class Rec(IntEnum):
     VMAP = 13  # a = first pfn, b = count: a run of pages a restored vmalloc area maps, in order
 
 
+class Stream(IntEnum):
+    """What a run reports by the million, kept by the runtime apart from the
+    records, each as one array of u64 words that Python takes with one copy
+    (``kc_stream``): the next kernel's pair lists, named as NextBoot's
+    fields (``PAIRS_FIELDS``), the nodes its walk visited and the struct
+    pages outside RAM its memory init asked for. Each op's
+    answer is kept apart too, in its own slot (``kc_answers``)."""
+
+    WALK = 0  # phys, order: a leaf the next kernel's walk found
+    RESERVED = 1  # base, size: memblock_reserve
+    NOINIT = 2  # base, size: memblock_reserved_mark_noinit
+    SCRATCH_MARKS = 3  # base, size: memblock_mark_kho_scratch
+    MAGIC = 4  # pfn, order: a walked head page that carries KHO's magic
+    WALK_NODE = 5  # phys: a node the walk visited
+    PHANTOM = 6  # pfn: a struct page asked for outside RAM during memory init
+
+
+PAIR_STREAMS = {name: Stream[name.upper()] for name in PAIRS_FIELDS}
 class Memblock(IntEnum):
     """memblock calls the runtime records (``Rec.MEMBLOCK``)."""
 
@@ -110,6 +125,8 @@ STEP_FIELDS: tuple[Field, ...] = (
     ("name", "char", MAX_NAME + 1),
 )
 REC_FIELDS: tuple[Field, ...] = (("kind", "u32", 0), ("op", "u32", 0), ("a", "u64", 0), ("b", "u64", 0), ("c", "u64", 0))
+# An op's answer: rc (a long; NOT_RUN: the op left none), value, value2.
+ANSWER_FIELDS: tuple[Field, ...] = (("rc", "u64", 0), ("value", "u64", 0), ("value2", "u64", 0))
 IMAGE_FIELDS: tuple[Field, ...] = (
     ("fdt_phys", "u64", 0), ("scratch_phys", "u64", 0), ("scratch_len", "u64", 0), ("npages", "u64", 0),
     ("arena_hwm", "u64", 0),  # arena pages [0, arena_hwm) stay the old kernel's
@@ -127,6 +144,7 @@ def _format(fields: Iterable[Field]) -> str:
 HEADER = struct.Struct(_format(HEADER_FIELDS))
 STEP = struct.Struct(_format(STEP_FIELDS))
 REC = struct.Struct(_format(REC_FIELDS))
+ANSWER = struct.Struct(_format(ANSWER_FIELDS))
 IMAGE = struct.Struct(_format(IMAGE_FIELDS))
 PAGE_PHYS = struct.Struct("<Q")  # before each page of an image
 
@@ -230,12 +248,15 @@ def c_header() -> str:
 {_c_enum("kc_op", "KC_", ((k.name, int(k)) for k in Op))}
 {_c_enum("kc_rec_kind", "KC_REC_", ((k.name, int(k)) for k in Rec))}
 {_c_enum("kc_memblock_kind", "KC_MB_", ((k.name, int(k)) for k in Memblock))}
+{_c_enum("kc_stream", "KC_STREAM_", ((k.name, int(k)) for k in Stream))}
+#define KC_NSTREAMS {len(Stream)}
 typedef unsigned int kc_u32;
 typedef unsigned long long kc_u64;
 struct kc_range {{ kc_u64 a, b; }};
 {_c_struct("kc_header", HEADER_FIELDS, HEADER.size)}
 {_c_struct("kc_step", STEP_FIELDS, STEP.size)}
 {_c_struct("kc_rec", REC_FIELDS, REC.size)}
+{_c_struct("kc_answer", ANSWER_FIELDS, ANSWER.size)}
 {_c_struct("kc_image", IMAGE_FIELDS, IMAGE.size)}
 #endif
 """
@@ -247,6 +268,8 @@ def cdef() -> str:
     return """
     int kc_run(const void *program, unsigned long len, const void *image, unsigned long image_len);
     const void *kc_records(unsigned long *n);
+    const unsigned long long *kc_stream(unsigned int stream, unsigned long *n);
+    const void *kc_answers(unsigned long *n);
     const char *kc_text_buffer(unsigned long *n);
     const unsigned char *kc_snapshot_pages(unsigned long *n);
     int kc_page_shift(void);

@@ -51,11 +51,6 @@ struct kc_run {
 	bool handed_over;           /* the old kernel's run ended at kexec */
 };
 
-static void kc_op_result(long rc, u64 value, u64 value2)
-{
-	kc_record(KC_REC_OP, (u64)rc, value, value2);
-}
-
 /* A folio or page the caller owns: the driver makes it, the kernel reads
  * its pfn and order. Outside RAM it exists only as this struct. */
 static struct folio *kc_folio(u64 pfn, u64 order)
@@ -92,7 +87,7 @@ static void kc_record_page_magic(phys_addr_t phys)
 		return;
 	info.page_private = pfn_to_online_page(pfn)->private;
 	if (info.magic == KHO_PAGE_MAGIC)
-		kc_record(KC_REC_MAGIC, pfn, info.order, 0);
+		kc_stream_pair(KC_STREAM_MAGIC, pfn, info.order);
 }
 
 #if KC_KEY_API
@@ -101,20 +96,20 @@ static int kc_walk_leaf(unsigned long key, void *data)
 	unsigned int order;
 	phys_addr_t phys = KC_DECODE_KEY(key, &order);
 
-	kc_record(KC_REC_WALK, phys, order, 0);
+	kc_stream_pair(KC_STREAM_WALK, phys, order);
 	kc_record_page_magic(phys);
 	return 0;
 }
 
 static int kc_walk_node(phys_addr_t phys, void *data)
 {
-	kc_record(KC_REC_WALK_NODE, phys, 0, 0);
+	kc_stream_word(KC_STREAM_WALK_NODE, phys);
 	return 0;
 }
 #else
 static int kc_walk_page(phys_addr_t phys, unsigned int order)
 {
-	kc_record(KC_REC_WALK, phys, order, 0);
+	kc_stream_pair(KC_STREAM_WALK, phys, order);
 	kc_record_page_magic(phys);
 	return 0;
 }
@@ -208,7 +203,7 @@ static void kc_next_kernel(struct kc_run *run)
 	struct kc_image image;
 
 	if (kc_load_image(run->image, run->image_len, &image)) {
-		kc_op_result(-EINVAL, 0, 0);
+		kc_answer(-EINVAL, 0, 0);
 		return;
 	}
 	/* the old kernel's pages survive kexec: the next one must not reuse them */
@@ -223,7 +218,7 @@ static void kc_next_kernel(struct kc_run *run)
 	kho_memory_init();
 	kc_set_slab_ready(1);
 	kc_record_walk();
-	kc_op_result(is_kho_boot() ? 0 : -EINVAL, 0, 0);
+	kc_answer(is_kho_boot() ? 0 : -EINVAL, 0, 0);
 }
 
 static void kc_restore_op(const struct kc_step *s)
@@ -239,7 +234,7 @@ static void kc_restore_op(const struct kc_step *s)
 	} else {
 		page = kho_restore_pages(s->a, s->b);
 	}
-	kc_op_result(page ? 0 : -1, page ? page_to_pfn(page) : 0, kc_managed_pages() - before);
+	kc_answer(page ? 0 : -1, page ? page_to_pfn(page) : 0, kc_managed_pages() - before);
 }
 
 /* fill_fdt: kho_add_subtree of filler_name(first + i, name_len) with blob
@@ -268,7 +263,7 @@ static void kc_fill_fdt(const struct kc_step *s)
 		if (rc)
 			break;
 	}
-	kc_op_result(rc, i, 0);
+	kc_answer(rc, i, 0);
 }
 
 static void kc_old_kernel_op(struct kc_run *run, const struct kc_step *s)
@@ -277,7 +272,7 @@ static void kc_old_kernel_op(struct kc_run *run, const struct kc_step *s)
 	long rc = 0;
 
 	if (!run->enabled || run->next) {
-		kc_op_result(-EOPNOTSUPP, 0, 0);
+		kc_answer(-EOPNOTSUPP, 0, 0);
 		return;
 	}
 	switch (s->op) {
@@ -334,7 +329,7 @@ static void kc_old_kernel_op(struct kc_run *run, const struct kc_step *s)
 		void *mem = kho_alloc_preserve(s->b);
 
 		*kc_alloc_slot(s->a) = IS_ERR(mem) ? 0 : virt_to_phys(mem);
-		kc_op_result(IS_ERR(mem) ? PTR_ERR(mem) : 0, *kc_alloc_slot(s->a), 0);
+		kc_answer(IS_ERR(mem) ? PTR_ERR(mem) : 0, *kc_alloc_slot(s->a), 0);
 		return;
 	}
 	case KC_UNPRESERVE_FREE: {
@@ -351,7 +346,7 @@ static void kc_old_kernel_op(struct kc_run *run, const struct kc_step *s)
 
 		memset(desc, 0, sizeof(*desc));
 		rc = kho_preserve_vmalloc(area, desc);
-		kc_op_result(rc, rc ? 0 : desc->first.phys, 0);
+		kc_answer(rc, rc ? 0 : desc->first.phys, 0);
 		if (rc) /* the caller keeps no failed preservation */
 			memset(desc, 0, sizeof(*desc));
 		return;
@@ -361,7 +356,7 @@ static void kc_old_kernel_op(struct kc_run *run, const struct kc_step *s)
 		memset(kc_vmalloc_slot(s->a), 0, sizeof(struct kho_vmalloc));
 		break;
 	}
-	kc_op_result(rc, 0, 0);
+	kc_answer(rc, 0, 0);
 }
 
 /* The restore side of the alloc and vmalloc API, with the pages each
@@ -374,12 +369,12 @@ static void kc_restore_api_op(const struct kc_step *s)
 		u64 phys = *kc_alloc_slot(s->a);
 
 		kho_restore_free(phys ? phys_to_virt(phys) : NULL);
-		kc_op_result(0, 0, kc_managed_pages() - before);
+		kc_answer(0, 0, kc_managed_pages() - before);
 	} else {
 		void *addr = kho_restore_vmalloc(kc_vmalloc_slot(s->a));
 		struct vm_struct *area = kc_find_vm_area(addr);
 
-		kc_op_result(area ? 0 : -1, area ? area->nr_pages : 0, kc_managed_pages() - before);
+		kc_answer(area ? 0 : -1, area ? area->nr_pages : 0, kc_managed_pages() - before);
 	}
 }
 
@@ -388,16 +383,16 @@ static void kc_query_op(const struct kc_step *s)
 {
 	switch (s->op) {
 	case KC_IS_KHO_ENABLED:
-		kc_op_result(0, kho_is_enabled(), 0);
+		kc_answer(0, kho_is_enabled(), 0);
 		break;
 	case KC_IS_KHO_BOOT:
-		kc_op_result(0, is_kho_boot(), 0);
+		kc_answer(0, is_kho_boot(), 0);
 		break;
 	case KC_SCRATCH_OVERLAP:
 #if KC_HAS_SCRATCH_OVERLAP
-		kc_op_result(0, kho_scratch_overlap(s->a, s->b), 0);
+		kc_answer(0, kho_scratch_overlap(s->a, s->b), 0);
 #else
-		kc_op_result(-EOPNOTSUPP, 0, 0); /* not public API before 7.3 */
+		kc_answer(-EOPNOTSUPP, 0, 0); /* not public API before 7.3 */
 #endif
 		break;
 	}
@@ -408,7 +403,7 @@ static void kc_step(struct kc_run *run, const struct kc_step *s)
 	switch (s->op) {
 	case KC_KEXEC:
 		if (run->next || !run->enabled)
-			kc_op_result(-EOPNOTSUPP, 0, 0);
+			kc_answer(-EOPNOTSUPP, 0, 0);
 		else
 			kc_hand_over(run);
 		break;
@@ -418,14 +413,14 @@ static void kc_step(struct kc_run *run, const struct kc_step *s)
 		if (run->next)
 			kc_restore_op(s);
 		else
-			kc_op_result(-1, 0, 0);
+			kc_answer(-1, 0, 0);
 		break;
 	case KC_RESTORE_FREE:
 	case KC_RESTORE_VMALLOC:
 		if (run->next)
 			kc_restore_api_op(s);
 		else
-			kc_op_result(s->op == KC_RESTORE_FREE ? 0 : -1, 0, 0);
+			kc_answer(s->op == KC_RESTORE_FREE ? 0 : -1, 0, 0);
 		break;
 	case KC_IS_KHO_ENABLED:
 	case KC_IS_KHO_BOOT:
@@ -438,7 +433,7 @@ static void kc_step(struct kc_run *run, const struct kc_step *s)
 		int rc = run->next ? kho_retrieve_subtree(s->name, &phys, &size) : -ENOENT;
 
 		/* the outputs mean something only on success */
-		kc_op_result(rc, rc ? 0 : phys, rc ? 0 : size);
+		kc_answer(rc, rc ? 0 : phys, rc ? 0 : size);
 		break;
 	}
 	default:
@@ -481,7 +476,8 @@ static void kc_run_steps(void *arg)
  * Run a packed program (struct kc_header + struct kc_step[]). With an image,
  * steps[0] must be the kexec that boots the next kernel from it. Returns 0,
  * or -1 for a buffer that is not a program; results are read back with
- * kc_records(), kc_text_buffer() and kc_snapshot_pages().
+ * kc_answers(), kc_stream(), kc_records(), kc_text_buffer() and
+ * kc_snapshot_pages().
  */
 int kc_run(const void *program, unsigned long len, const void *image, unsigned long image_len)
 {
@@ -494,7 +490,7 @@ int kc_run(const void *program, unsigned long len, const void *image, unsigned l
 	run.nsteps = (len - sizeof(struct kc_header)) / sizeof(struct kc_step);
 	run.image = image;
 	run.image_len = image_len;
-	if (kc_setup(run.h))
+	if (kc_setup(run.h, run.nsteps))
 		return -1;
 	kc_reset_globals();
 	kc_protected(kc_run_steps, &run);

@@ -60,6 +60,12 @@ static struct page sink_page;
 
 static struct kc_rec *recs;
 static unsigned long nrecs, cap_recs;
+static struct kc_answer *answers; /* one per step of the program */
+static unsigned long nanswers, cap_answers;
+static struct {
+	kc_u64 *words;
+	unsigned long n, cap;
+} streams[KC_NSTREAMS];
 static char *text;
 static unsigned long ntext, cap_text;
 static unsigned char *snapshot;
@@ -89,6 +95,25 @@ void kc_record(unsigned int kind, unsigned long long a, unsigned long long b, un
 {
 	recs = grow(recs, &cap_recs, nrecs + 1, sizeof(*recs));
 	recs[nrecs++] = (struct kc_rec){ kind, kc_cur_op, a, b, c };
+}
+
+void kc_answer(long rc, unsigned long long value, unsigned long long value2)
+{
+	if (kc_cur_op < nanswers)
+		answers[kc_cur_op] = (struct kc_answer){ (kc_u64)rc, value, value2 };
+}
+
+void kc_stream_pair(enum kc_stream s, unsigned long long a, unsigned long long b)
+{
+	streams[s].words = grow(streams[s].words, &streams[s].cap, streams[s].n + 2, sizeof(kc_u64));
+	streams[s].words[streams[s].n++] = a;
+	streams[s].words[streams[s].n++] = b;
+}
+
+void kc_stream_word(enum kc_stream s, unsigned long long a)
+{
+	streams[s].words = grow(streams[s].words, &streams[s].cap, streams[s].n + 1, sizeof(kc_u64));
+	streams[s].words[streams[s].n++] = a;
 }
 
 static void text_append(const char *buf, size_t n)
@@ -283,9 +308,9 @@ struct page *kc_pfn_to_page(unsigned long pfn)
 	if (kc_is_ram(pfn))
 		return touch(pfn);
 	/* No struct page exists here: hand out a scratch one, and say so when
-	 * the next kernel's memory init is what asked (NextKernel.phantom). */
+	 * the next kernel's memory init is what asked (NextBoot.phantom). */
 	if (memory_init)
-		kc_record(KC_REC_PHANTOM, pfn, 0, 0);
+		kc_stream_word(KC_STREAM_PHANTOM, pfn);
 	memset(&sink_page, 0, sizeof(sink_page));
 	sink_page.kc_pfn = pfn;
 	return &sink_page;
@@ -718,7 +743,19 @@ void kc_set_slab_ready(int ready)
 
 void kc_memblock_record(int kind, unsigned long long base, unsigned long long size)
 {
-	kc_record(KC_REC_MEMBLOCK, base, size, kind);
+	switch (kind) {
+	case KC_MB_RESERVE:
+		kc_stream_pair(KC_STREAM_RESERVED, base, size);
+		break;
+	case KC_MB_NOINIT:
+		kc_stream_pair(KC_STREAM_NOINIT, base, size);
+		break;
+	case KC_MB_SCRATCH:
+		kc_stream_pair(KC_STREAM_SCRATCH_MARKS, base, size);
+		break;
+	default:
+		kc_record(KC_REC_MEMBLOCK, base, size, kind);
+	}
 }
 
 unsigned long long kc_memblock_end_of_dram(void)
@@ -843,7 +880,7 @@ static void forget_struct_pages(void)
 	nref_runs = ref_cursor = 0;
 }
 
-int kc_setup(const struct kc_header *h)
+int kc_setup(const struct kc_header *h, unsigned long nsteps)
 {
 	unsigned long want;
 
@@ -881,6 +918,12 @@ int kc_setup(const struct kc_header *h)
 	alloc_count = 0;
 	managed_pages = 0;
 	nrecs = ntext = 0;
+	for (int i = 0; i < KC_NSTREAMS; i++)
+		streams[i].n = 0;
+	answers = grow(answers, &cap_answers, nsteps, sizeof(*answers));
+	for (unsigned long i = 0; i < nsteps; i++)
+		answers[i] = (struct kc_answer){ (kc_u64)(long)KC_NOT_RUN, 0, 0 };
+	nanswers = nsteps;
 	warn_op = ~0u;
 	snapshot_pages = 0;
 	kc_cur_op = KC_OP_BOOT;
@@ -957,6 +1000,18 @@ const struct kc_rec *kc_records(unsigned long *n)
 {
 	*n = nrecs;
 	return recs;
+}
+
+const unsigned long long *kc_stream(unsigned int s, unsigned long *n)
+{
+	*n = s < KC_NSTREAMS ? streams[s].n : 0;
+	return s < KC_NSTREAMS ? streams[s].words : NULL;
+}
+
+const void *kc_answers(unsigned long *n)
+{
+	*n = nanswers;
+	return answers;
 }
 
 const char *kc_text_buffer(unsigned long *n)

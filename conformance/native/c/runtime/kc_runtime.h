@@ -88,9 +88,13 @@ long kc_strscpy(char *d, const char *s, unsigned long n);
 
 /* ---- between the driver (in the kernel unit) and the runtime ---- */
 
-/* Everything a run reports is an append-only list of records
- * (struct kc_rec, enum kc_rec_kind: kc_contract.h). */
+/* What a run reports (kc_contract.h): each op's answer (struct kc_answer),
+ * the frequent records in streams of words (enum kc_stream), the others in
+ * an append-only list (struct kc_rec, enum kc_rec_kind). */
 extern unsigned int kc_cur_op;
+void kc_answer(long rc, unsigned long long value, unsigned long long value2);
+void kc_stream_pair(enum kc_stream s, unsigned long long a, unsigned long long b);
+void kc_stream_word(enum kc_stream s, unsigned long long a);
 void kc_record(unsigned int kind, unsigned long long a, unsigned long long b, unsigned long long c);
 unsigned long long kc_text(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -100,8 +104,8 @@ unsigned long long kc_code_offset(void *pc);
 void kc_sanitizer_attach(void);
 
 struct kc_header;
-/* Reset all runtime state for a new program; non-zero for a bad header. */
-int kc_setup(const struct kc_header *h);
+/* Reset all runtime state for a new program of nsteps steps; non-zero for a bad header. */
+int kc_setup(const struct kc_header *h, unsigned long nsteps);
 /* Start a kernel: old (0) or next (1). Resets struct pages and warn-once. */
 void kc_start_kernel(int next);
 int kc_is_ram(unsigned long pfn);
