@@ -16,7 +16,11 @@ killed too, so a run ends on time whatever its workers do. (libFuzzer's fork
 mode restarts every worker every few seconds, each re-running a sample of
 the corpus first; in a 60 s run that was a third of the time.)
 
-Workers write the inputs they find into a directory of the run, where the
+The corpus directory's inputs are dealt out among the workers, each input
+to one, so that a run replays the corpus once whatever its number of jobs
+(a corpus's few runaway inputs hold a worker at its CPU budget for seconds
+each; every worker replaying all of them took most of a 30 s run). Workers
+write the inputs they find into a directory of the run, where the
 other workers pick them up (libFuzzer's ``-reload``); the runner copies each
 into the corpus directory once it is whole (libFuzzer names an input by its
 SHA-1), by rename, so the corpus only ever gains complete files. Divergences
@@ -231,6 +235,7 @@ class _Worker:
     """One libFuzzer process, and what its output has said so far."""
 
     proc: subprocess.Popen
+    share: int  # which of the corpus's inputs it was dealt: every jobs-th from this one
     execs: int = 0
     coverage: int = 0
     features: int = 0
@@ -278,10 +283,12 @@ class _Workers:
         self.live: list[_Worker] = []
         self.ended_execs = 0  # programs run by workers that have ended
         self.listings = 0  # seed-input lists written
+        self.jobs = 1
 
     def run(self, jobs: int, crashes_dir: Path, display: Live | None, label: str, return_on_interrupt: bool) -> None:
         """Run ``jobs`` workers until the deadline, or Ctrl-C."""
         stats = self.stats
+        self.jobs = jobs
         before = set(iter_findings(crashes_dir))
         artifacts_before = set(_artifacts(self.work))
         start = time.monotonic()
@@ -308,8 +315,8 @@ class _Workers:
         # Each worker in its own process group: Ctrl-C reaches the runner
         # only, which then stops them all (conformance.processes).
         with ExitStack() as stack:
-            for _ in range(jobs):
-                self._start(stack)
+            for share in range(jobs):
+                self._start(stack, share)
             if display:
                 display.start()
             try:
@@ -333,12 +340,12 @@ class _Workers:
                     raise  # the cleanup runs on the way out
         refresh()  # with what the workers found and saved until they ended
 
-    def _start(self, stack: ExitStack) -> None:
+    def _start(self, stack: ExitStack, share: int) -> None:
         seconds = max(1, int(self.deadline - time.monotonic()))
-        cmd = [*_libfuzzer(seconds, self.work), *self._seed_inputs(), *self.extra_args, str(self.found)]
+        cmd = [*_libfuzzer(seconds, self.work), *self._seed_inputs(share), *self.extra_args, str(self.found)]
         proc = stack.enter_context(supervised(cmd, env=self.env, cwd=self.work, stdout=subprocess.PIPE,
                                               stderr=subprocess.STDOUT, text=True, errors="replace"))
-        worker = _Worker(proc)
+        worker = _Worker(proc, share)
         self.live.append(worker)
 
         def pump() -> None:
@@ -349,11 +356,12 @@ class _Workers:
 
         threading.Thread(target=pump, daemon=True).start()
 
-    def _seed_inputs(self) -> list[str]:
-        """The corpus directory's inputs as libFuzzer's list of seed inputs,
-        except those a worker ended on; those also leave the workers' output
-        directory, which libFuzzer reads as well (never the corpus)."""
-        files = _corpus_files(self.corpus_dir)
+    def _seed_inputs(self, share: int) -> list[str]:
+        """A worker's share of the corpus directory's inputs (every jobs-th,
+        from ``share`` on) as libFuzzer's list of seed inputs, except those a
+        worker ended on; those also leave the workers' output directory,
+        which libFuzzer reads as well (never the corpus)."""
+        files = _corpus_files(self.corpus_dir)[share :: self.jobs]
         if self.excluded:
             files = [p for p in files if _digest(p) not in self.excluded]
             for digest in self.excluded:
@@ -405,7 +413,7 @@ class _Workers:
             if digest := _digest(worker.artifact):
                 self.excluded.add(digest)
         if self.deadline - time.monotonic() >= RESTART_MIN:
-            self._start(stack)
+            self._start(stack, worker.share)
 
     def _keep_report(self, worker: _Worker) -> None:
         """Write what the worker printed from its last crash report on (its

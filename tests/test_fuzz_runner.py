@@ -84,7 +84,7 @@ def test_a_crashed_worker_is_started_again_for_the_time_left(tmp_path):
         assert len(path.name) != 40 or hashlib.sha1(path.read_bytes()).hexdigest() == path.name
 
 
-def test_a_restart_leaves_out_the_inputs_workers_crashed_on(tmp_path):
+def test_workers_are_dealt_the_corpus_and_a_restart_leaves_out_the_inputs_workers_crashed_on(tmp_path):
     corpus, tmp, work = tmp_path / "corpus", tmp_path / "run", tmp_path / "work"
     for d in (corpus / "sub", tmp, work):
         d.mkdir(parents=True)
@@ -96,13 +96,23 @@ def test_a_restart_leaves_out_the_inputs_workers_crashed_on(tmp_path):
     (workers.found / crashed).write_bytes(inputs["b"])  # a worker's copy of it too
     (workers.found / "other").write_bytes(b"x")
 
-    def listed() -> list[str]:
-        (flag,) = workers._seed_inputs()
+    def listed(share: int = 0) -> list[str]:
+        flags = workers._seed_inputs(share)
+        if not flags:
+            return []
+        (flag,) = flags
         assert flag.startswith("-seed_inputs=@")
         return [Path(p).name for p in Path(flag.split("@", 1)[1]).read_text().split(",")]
 
     assert listed() == ["a", "b", "c"]
+    workers.jobs = 2  # each input dealt to one worker: the corpus is replayed once
+    assert (listed(0), listed(1)) == (["a", "c"], ["b"])
+    workers.jobs = 4
+    assert [listed(share) for share in range(4)] == [["a"], ["b"], ["c"], []]
+    workers.jobs = 2
     workers.excluded.add(crashed)
+    assert (listed(0), listed(1)) == (["a", "c"], [])  # a restart keeps its share, without the input
+    workers.jobs = 1
     assert listed() == ["a", "c"]
     assert sorted(p.name for p in workers.found.iterdir()) == ["other"]
     assert sorted(p.name for p in corpus.rglob("*") if p.is_file()) == ["a", "b", "c"]  # the corpus keeps it
