@@ -38,6 +38,7 @@ from typing import ClassVar
 
 from . import quirks, shortcuts
 from .arena import Arena, Words, set_word
+from .collector import collector_paused
 from .fdt import Fdt, kho_add_subtree, kho_remove_subtree, kho_root_fdt
 from .geometry import MAX_PAGE_ORDER, Geometry, geometry
 from .image import PageFault, PageStore, memory_reader, page_reader, scratch_entries
@@ -977,6 +978,12 @@ def run(program: Program, profile: Profile, quirks: frozenset[str] = frozenset()
     The next kernel is of the same version unless ``next_profile`` and
     ``next_quirks`` describe another (a live update across versions): it
     accepts or refuses the old kernel's image by its own profile."""
+    with collector_paused():
+        return _run(program, profile, quirks, next_profile, next_quirks)
+
+
+def _run(program: Program, profile: Profile, quirks: frozenset[str], next_profile: Profile | None,
+         next_quirks: frozenset[str] | None) -> Outcome:
     header = program.header
     header.validate()
     old = OldKernel(header, profile, quirks_check(quirks))

@@ -75,27 +75,30 @@ def traverse(root: int, geo: Geometry, page_of: PageOf, strict: bool) -> list[Vi
         if strict:
             raise TreeError("tree root not in the image")
         return out
-    seen = {root}
-
-    # A list, not nested generators: each visit would pass through one
-    # generator per level above it.
-    def visit(path: tuple[int, ...], level: int, phys: int, words: Mapping[int, int], base: int) -> None:
-        out.append(Visit(path, level, phys, words, base))
-        if level == 0:
-            return
-        shift = geo.shift(level)
-        for slot in sorted(words):
-            child = words[slot]
-            child_words = page_of(child)
-            if child_words is None or child in seen:
-                if strict:
-                    raise TreeError("tree pointer outside RAM" if child_words is None else "tree loop")
-                continue
-            seen.add(child)
-            visit((*path, slot), level - 1, child, child_words, base | (slot << shift))
-
-    visit((), geo.root_level, root, words, 0)
+    _visit(out, {root}, geo, page_of, strict, (), geo.root_level, root, words, 0)
     return out
+
+
+def _visit(out: list[Visit], seen: set[int], geo: Geometry, page_of: PageOf, strict: bool,
+           path: tuple[int, ...], level: int, phys: int, words: Mapping[int, int], base: int) -> None:
+    """``traverse`` below one node, into ``out``. A list, not nested
+    generators: each visit would pass through one generator per level
+    above it. A function of its own, not a closure: a closure that calls
+    itself is a reference cycle, which kept the whole list alive until the
+    garbage collector's next pass."""
+    out.append(Visit(path, level, phys, words, base))
+    if level == 0:
+        return
+    shift = geo.shift(level)
+    for slot in sorted(words):
+        child = words[slot]
+        child_words = page_of(child)
+        if child_words is None or child in seen:
+            if strict:
+                raise TreeError("tree pointer outside RAM" if child_words is None else "tree loop")
+            continue
+        seen.add(child)
+        _visit(out, seen, geo, page_of, strict, (*path, slot), level - 1, child, child_words, base | (slot << shift))
 
 
 class RadixTree:

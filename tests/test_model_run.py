@@ -1,5 +1,6 @@
 """Whole programs on the model: boot, ops, handover and restore."""
 
+import gc
 import json
 import struct
 import time
@@ -96,6 +97,27 @@ def test_out_of_domain_is_einval_without_effect():
     )
     assert rcs(o) == [EINVAL] * 8
     assert o.tree == base.tree
+
+
+@pytest.mark.parametrize("profile", [KHO_V3, KHO_V4, KHO_V4_KEYAPI])
+def test_a_run_leaves_no_reference_cycles_and_the_collector_as_it_was(profile):
+    """A run holds off the cyclic garbage collector (reference.collector), so
+    it must leave no cycles: they would keep what they hold alive until the
+    collector's next pass (the tree's traversal once kept its whole visit
+    list so)."""
+    program = prog("preserve_folio 0x100 0\npreserve_pages 0x203 0xd\nadd_subtree a 0x40001000 0x10\n"
+                   "unpreserve_folio 0x100 0\nkexec\nrestore_pages 0x203 0xd\nretrieve_subtree a")
+    gc.collect()
+    gc.disable()
+    try:
+        outcome = run(program, profile)
+        assert rcs(outcome)[:5] == [0] * 5 and outcome.next.accepted and outcome.tree
+        assert not gc.isenabled()
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    run(program, profile)
+    assert gc.isenabled()
 
 
 def test_key_api_ops():

@@ -18,6 +18,7 @@ Old-kernel boot (kho_init) allocates, in this order:
 
 from __future__ import annotations
 
+import gc
 import struct
 
 import libfdt
@@ -286,6 +287,24 @@ def test_program_without_kexec_has_no_next_kernel(series, native_for):
     assert o.ops[0].rc == 0
     assert o.tree and o.fdt[:4] == FDT_MAGIC  # the old kernel's state is still reported
     assert o.next is None
+
+
+def test_a_run_leaves_no_reference_cycles_and_the_collector_as_it_was(native_for):
+    """The binding holds off the cyclic garbage collector during a run
+    (reference.collector), so it must leave no cycles behind."""
+    program = parse_program("page_shift 12\n---\npreserve_folio 0x1000 3\nadd_subtree a 0x40001000 0x10\nkexec\n"
+                            "restore_folio 0x1000\nretrieve_subtree a\n")
+    gc.collect()
+    gc.disable()
+    try:
+        outcome = native_for("7.2", 12).run(program)
+        assert [r.rc for r in outcome.ops[:2]] == [0, 0] and outcome.next.accepted
+        assert not gc.isenabled()
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    native_for("7.2", 12).run(program)
+    assert gc.isenabled()
 
 
 @pytest.mark.parametrize("series", SERIES)

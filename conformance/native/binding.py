@@ -18,6 +18,7 @@ from cffi import FFI
 
 from reference import shortcuts
 from reference.arena import words_from_bytes, words_to_bytes
+from reference.collector import collector_paused
 from reference.fdt import Fdt
 from reference.geometry import geometry
 from reference.image import PageStore
@@ -67,6 +68,11 @@ class NativeKernel:
         which leaves the handover image; the next kernel boots from that
         image as from any other (``restore``). So the next kernel knows only
         what crossed kexec, be it this build's or another version's."""
+        with collector_paused():
+            return self._run_parts(program, next_kernel, like)
+
+    def _run_parts(self, program: Program, next_kernel: NativeKernel | None,
+                   like: Outcome | None) -> tuple[Outcome, Outcome | None]:
         old, memory = self._run_old(program, like)
         k = program.kexec_index()
         if k is None or old.image is None or old.ops[k].rc != NOT_RUN:
