@@ -28,8 +28,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conformance.native.binding import _op_results
+from conformance.native.contract import _BOUNDED, HEADER, STEP, pack_program
 from reference.outcome import OpResult
-from reference.program import ARENA_BASE_PHYS, NOT_RUN, parse_program
+from reference.program import ARENA_BASE_PHYS, MAX_NAME, NOT_RUN, U64, Header, Op, Program, Step, is_vm_area, parse_program
 
 GIB = 1 << 30
 DEPTH = {12: 6, 14: 5, 16: 4}
@@ -351,3 +352,21 @@ def test_op_results_are_the_answers_with_their_warnings_and_pages(answers, data)
     plain = [i for i in range(len(answers)) if i not in warns and i not in vmaps]
     for i in plain:  # equal plain answers share one object
         assert all(got[i] is got[j] for j in plain if answers[j] == answers[i])
+
+
+_OPERAND = st.one_of(st.integers(0, 2**64 - 1), st.integers(-(2**70), 2**70), st.sampled_from([-1, 2**64, 0, 5]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.tuples(st.sampled_from([o for o in Op if o not in _BOUNDED]), _OPERAND, _OPERAND, _OPERAND,
+                                _OPERAND, _OPERAND, st.sampled_from(["", "a", "blob1", "x" * 40])), max_size=12))
+def test_packed_steps_are_the_steps_wrapped_to_u64(steps):
+    """Each packed step holds its op, whether its operands name a vmalloc
+    area, and its operands as the u64 they wrap to, whatever their size."""
+    program = Program(Header(), tuple(Step(*fields) for fields in steps))
+    packed = pack_program(program)
+    assert len(packed) == HEADER.size + STEP.size * len(steps)
+    for i, (op, a, b, c, d, e, name) in enumerate(steps):
+        area = op == Op.PRESERVE_VMALLOC and is_vm_area(program.header, b, c, d, e)
+        assert STEP.unpack_from(packed, HEADER.size + i * STEP.size) == (
+            op, area, a & U64, b & U64, c & U64, d & U64, e & U64, name.encode().ljust(MAX_NAME + 1, b"\0"))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping
 from enum import IntEnum
+from operator import attrgetter
 
 from reference.geometry import MAX_PAGE_ORDER
 from reference.image import MemoryPages
@@ -155,6 +156,8 @@ def _pairs(items: tuple[tuple[int, int], ...], n: int) -> list[int]:
 
 
 _BOUNDED = frozenset(op for op, names in OPERANDS.items() if set(names) & BOUNDS.keys())  # ops with a bounded operand
+_CHECKED = _BOUNDED | {Op.PRESERVE_VMALLOC}  # ops whose operands are looked at before packing
+_STEP_FIELDS = attrgetter("op", "a", "b", "c", "d", "e", "name")
 
 
 def pack_program(p: Program) -> bytearray:
@@ -164,16 +167,25 @@ def pack_program(p: Program) -> bytearray:
     out = bytearray(HEADER.size + STEP.size * len(p.steps))
     HEADER.pack_into(out, 0, h.page_shift, len(h.ram), len(h.numa), len(h.scratch), h.fail_alloc, h.arena_pages,
                      *_pairs(h.ram, MAX_RAM_RANGES), *_pairs(h.numa, MAX_NUMA_RANGES), *_pairs(h.scratch, MAX_SCRATCH))
-    pack_step, off = STEP.pack_into, HEADER.size
+    pack_step, off, size = STEP.pack_into, HEADER.size, STEP.size
+    names = {"": b""}
     for s in p.steps:
-        if s.op in _BOUNDED:
-            for name, value in s.operands().items():
-                if name in BOUNDS and not 0 <= int(value) < BOUNDS[name]:
-                    raise ProgramError(f"{s.text()}: {name} must be below {BOUNDS[name]}")
-        area = s.op == Op.PRESERVE_VMALLOC and is_vm_area(h, s.b, s.c, s.d, s.e)
-        pack_step(out, off, int(s.op), int(area), s.a & U64, s.b & U64, s.c & U64, s.d & U64, s.e & U64,
-                  s.name.encode())
-        off += STEP.size
+        op, a, b, c, d, e, name = _STEP_FIELDS(s)
+        area = False
+        if op in _CHECKED:
+            if op in _BOUNDED:
+                for operand, value in s.operands().items():
+                    if operand in BOUNDS and not 0 <= int(value) < BOUNDS[operand]:
+                        raise ProgramError(f"{s.text()}: {operand} must be below {BOUNDS[operand]}")
+            area = op == Op.PRESERVE_VMALLOC and is_vm_area(h, b, c, d, e)
+        encoded = names.get(name)
+        if encoded is None:
+            encoded = names[name] = name.encode()
+        try:
+            pack_step(out, off, op, area, a, b, c, d, e, encoded)
+        except struct.error:  # an operand outside u64 (only these fail): packed as the u64 it wraps to
+            pack_step(out, off, op, area, a & U64, b & U64, c & U64, d & U64, e & U64, encoded)
+        off += size
     return out
 
 
