@@ -188,7 +188,7 @@ class NativeKernel:
         words = self.lib.kc_stream(stream, n)
         out = array("Q")
         if n[0]:
-            out.frombytes(_ffi.buffer(words, n[0] * 8))
+            out.frombytes(_ffi.buffer(words, n[0] * out.itemsize))
         return out
 
     def _answers(self) -> Iterator[tuple[int, int, int]]:
