@@ -113,22 +113,30 @@ def memory_reader(image: Image, header: Header) -> Callable[[int], Words]:
     map shows the old kernel's memory (quirk next-kernel-trusts-tree): the
     image's pages where it has them, zeros elsewhere in the arena, and a
     PageFault outside it. A span may straddle two pages."""
-    page_size = 1 << image.page_shift
-    lo, hi = header.arena_range()
-    lo, hi = lo << image.page_shift, hi << image.page_shift
-    pages = MemoryPages(image)
-    cache: dict[int, Words] = {}
+    return _MemoryReader(image, header)
 
-    def page(phys: int) -> bytes:
-        return bytes(pages.get(phys, b"")[:page_size]).ljust(page_size, b"\0")
 
-    def read(phys: int) -> Words:
-        if not lo <= phys <= hi - page_size:
+class _MemoryReader:
+    """``memory_reader``'s reader. An object, not closures: compiled, the
+    closures of one function share an environment that holds them, a
+    reference cycle."""
+
+    def __init__(self, image: Image, header: Header) -> None:
+        self.page_size = 1 << image.page_shift
+        lo, hi = header.arena_range()
+        self.lo, self.hi = lo << image.page_shift, hi << image.page_shift
+        self.pages = MemoryPages(image)
+        self.cache: dict[int, Words] = {}
+
+    def _page(self, phys: int) -> bytes:
+        return bytes(self.pages.get(phys, b"")[: self.page_size]).ljust(self.page_size, b"\0")
+
+    def __call__(self, phys: int) -> Words:
+        page_size = self.page_size
+        if not self.lo <= phys <= self.hi - page_size:
             raise PageFault(f"the next kernel reads {phys:#x}, outside the old kernel's memory")
-        if phys not in cache:
+        if phys not in self.cache:
             base, off = phys & -page_size, phys & (page_size - 1)
-            data = page(base)[off:] + page(base + page_size)[:off] if off else page(base)
-            cache[phys] = words_from_bytes(data, page_size)
-        return cache[phys]
-
-    return read
+            data = self._page(base)[off:] + self._page(base + page_size)[:off] if off else self._page(base)
+            self.cache[phys] = words_from_bytes(data, page_size)
+        return self.cache[phys]

@@ -94,7 +94,7 @@ from .program import (
 )
 from .quirks import check as quirks_check
 from .scratch import free_gib_blocks, kernel_extend_scratch
-from .tree import RadixTree, TreeError, kernel_walk, leaf_bits, traverse
+from .tree import RadixTree, TreeError, Visit, kernel_walk, leaf_bits, traverse
 from .vmalloc import CHUNK_NEXT_WORD, Descriptor, alloc_slot_word, chunk_capacity, kho_flags
 
 OK = OpResult()
@@ -876,6 +876,8 @@ def handover(image: Image, header: Header, profile: Profile,
         return reject(f"{MEMORY_MAP_PROP} is 0")
     P = header.page_shift
     trusting = quirks.NEXT_KERNEL_TRUSTS_TREE in quirk_set
+    visits: list[Visit] = []
+    events: list[tuple[bool, int]] = []  # the kernel's own walk (trusting): (True, page) or (False, key)
     if trusting:
         try:
             events = list(kernel_walk(root, geo, memory_reader(image, header)))
@@ -883,14 +885,16 @@ def handover(image: Image, header: Header, profile: Profile,
             raise KernelFault(str(fault)) from None
         except RunawayLoop as loop:
             raise KernelRunaway(str(loop)) from None
+        keys = [value for is_node, value in events if not is_node]
+        node_pages = tuple(value for is_node, value in events if is_node)
     else:
         try:
             visits = traverse(root, geo, page_reader(image), strict=True)
         except TreeError as refused:  # a name of its own: compiled, "e" would keep the type it has above
             return reject(str(refused))
-        events = [e for v in visits for e in ((True, v.phys), *(() if v.level else ((False, v.base | b) for b in leaf_bits(v.words))))]
-    keys = [value for is_node, value in events if not is_node]
-    node_pages = tuple(value for is_node, value in events if is_node)
+        # Straight from the visits: a list of the walk's events would hold a tuple per key.
+        keys = [v.base | b for v in visits if not v.level for b in leaf_bits(v.words)]
+        node_pages = tuple(v.phys for v in visits)
     if not trusting:
         if keys and keys[-1].bit_length() > geo.key_width:  # keys ascend: the last is the widest
             return reject("tree key wider than the key width")
@@ -919,7 +923,8 @@ def handover(image: Image, header: Header, profile: Profile,
         end_of_dram = _end_of_dram(header)
         if quirks.EXTEND_SCRATCH_PER_GIB in quirk_set:
             try:
-                ext = kernel_extend_scratch(events, P, header.arena_pages - image.arena_hwm, end_of_dram)
+                seen = events if trusting else _walk_events(visits)
+                ext = kernel_extend_scratch(seen, P, header.arena_pages - image.arena_hwm, end_of_dram)
             except RunawayLoop as e:
                 raise KernelRunaway(str(e)) from None
             scratch_marks += ext.marks
@@ -938,6 +943,16 @@ def handover(image: Image, header: Header, profile: Profile,
         may_time_out=slow,
     )
     return next_boot, magic, fdt
+
+
+def _walk_events(visits: list[Visit]) -> Iterator[tuple[bool, int]]:
+    """A traversal as the kernel's walk reports it: (True, page) for each
+    page entered, then (False, key) for each key of a leaf."""
+    for v in visits:
+        yield True, v.phys
+        if not v.level:
+            for b in leaf_bits(v.words):
+                yield False, v.base | b
 
 
 def _end_of_dram(header: Header) -> int:

@@ -240,20 +240,22 @@ def kernel_walk(root: int, geo: Geometry, read: Callable[[int], Mapping[int, int
     visited, (False, key) for each set bit, in the kernel's order. Every
     non-zero entry is followed, one level down, wherever it points; ``read``
     raises when the memory is not there."""
-
-    def walk(phys: int, level: int, base: int) -> Iterator[tuple[bool, int]]:
-        words = read(phys)
-        yield True, phys
-        for slot in sorted(words):
-            key = base | (slot << geo.shift(level))
-            if level > 1:
-                yield from walk(words[slot], level - 1, key)
-                continue
-            leaf = read(words[slot])
-            yield True, words[slot]
-            yield from ((False, key | bit) for bit in leaf_bits(leaf))
-
-    for n, event in enumerate(walk(root, geo.root_level, 0)):
+    for n, event in enumerate(_kernel_walk(geo, read, root, geo.root_level, 0)):
         if n > WALK_LIMIT:
             raise RunawayLoop(f"the walk visits more than {WALK_LIMIT} keys and nodes")
         yield event
+
+
+def _kernel_walk(geo: Geometry, read: Callable[[int], Mapping[int, int]], phys: int, level: int,
+                 base: int) -> Iterator[tuple[bool, int]]:
+    """``kernel_walk`` below one table (not a closure: see ``_visit``)."""
+    words = read(phys)
+    yield True, phys
+    for slot in sorted(words):
+        key = base | (slot << geo.shift(level))
+        if level > 1:
+            yield from _kernel_walk(geo, read, words[slot], level - 1, key)
+            continue
+        leaf = read(words[slot])
+        yield True, words[slot]
+        yield from ((False, key | bit) for bit in leaf_bits(leaf))

@@ -13,12 +13,14 @@ from hypothesis import strategies as st
 
 from reference import quirks
 from reference.fdt import Fdt
-from reference.geometry import PAGE_SHIFTS
+from reference.geometry import PAGE_SHIFTS, geometry
+from reference.image import memory_reader, page_reader
 from reference.keys import page_chunks, pfn_key
-from reference.model import handover, restore, run
+from reference.model import _walk_events, handover, restore, run
 from reference.outcome import Image
 from reference.profiles import KHO_V3, KHO_V4, KHO_V4_KEYAPI, PROFILES, select_profile
 from reference.program import ARENA_BASE_PHYS, Header, Op, Program, Step, parse_program
+from reference.tree import kernel_walk, traverse
 
 PAGE = 0x1000
 ARENA_PFN = ARENA_BASE_PHYS >> 12
@@ -100,23 +102,27 @@ def test_out_of_domain_is_einval_without_effect():
 
 
 @pytest.mark.parametrize("profile", [KHO_V3, KHO_V4, KHO_V4_KEYAPI])
-def test_a_run_leaves_no_reference_cycles_and_the_collector_as_it_was(profile):
+@pytest.mark.parametrize("quirk_set", [frozenset(), frozenset({quirks.NEXT_KERNEL_TRUSTS_TREE})])
+def test_a_run_leaves_no_reference_cycles_and_the_collector_as_it_was(profile, quirk_set):
     """A run holds off the cyclic garbage collector (reference.collector), so
     it must leave no cycles: they would keep what they hold alive until the
     collector's next pass (the tree's traversal once kept its whole visit
-    list so)."""
-    program = prog("preserve_folio 0x100 0\npreserve_pages 0x203 0xd\nadd_subtree a 0x40001000 0x10\n"
-                   "unpreserve_folio 0x100 0\nkexec\nrestore_pages 0x203 0xd\nretrieve_subtree a")
+    list so, and the trusting next kernel its reader of the old memory)."""
+    programs = [prog("preserve_folio 0x100 0\npreserve_pages 0x203 0xd\nadd_subtree a 0x40001000 0x10\n"
+                     "unpreserve_folio 0x100 0\nkexec\nrestore_pages 0x203 0xd\nretrieve_subtree a"),
+                prog("preserve_vmalloc 0 0x300 4 0 1\nalloc_preserve 1 0x2000\nfill_fdt 0 40 12\nkexec\n"
+                     "restore_vmalloc 0\nrestore_free 1")]
     gc.collect()
     gc.disable()
     try:
-        outcome = run(program, profile)
-        assert rcs(outcome)[:5] == [0] * 5 and outcome.next.accepted and outcome.tree
-        assert not gc.isenabled()
-        assert gc.collect() == 0
+        for program in programs:
+            outcome = run(program, profile, quirk_set)
+            assert rcs(outcome)[:2] == [0, 0] and outcome.next.accepted and outcome.tree
+            assert not gc.isenabled()
+            assert gc.collect() == 0
     finally:
         gc.enable()
-    run(program, profile)
+    run(programs[0], profile)
     assert gc.isenabled()
 
 
@@ -292,6 +298,22 @@ def test_extend_scratch_per_gib_goes_on_from_0_after_a_step_to_2_64(pfn, wraps):
     assert run(p, KHO_V4_KEYAPI).next.scratch_marks == spec
     quirked = run(p, KHO_V4_KEYAPI, frozenset({quirks.EXTEND_SCRATCH_PER_GIB})).next
     assert quirked.scratch_marks == (() if wraps else spec) and quirked.may_time_out is wraps
+
+
+@pytest.mark.parametrize("page_shift", PAGE_SHIFTS)
+def test_a_traversal_reported_as_events_is_the_kernels_walk_of_a_valid_tree(page_shift):
+    """What the quirk extend-scratch-per-gib reads, built from the model's
+    own traversal (model._walk_events) when the next kernel validated the
+    tree, is what the kernel's walk reports (tree.kernel_walk): every page
+    entered, then a leaf's keys, in walk order."""
+    text = "\n".join(f"preserve_folio {pfn:#x} {order}" for pfn, order in
+                      ((0x10, 0), (0x11, 0), (0x400, 10), (0x80000, 19), (0x3ffff, 0), (0x4000000, 3)))
+    p = prog(text + "\nkexec", page_shift=page_shift, ram=((0, 1 << 28),))
+    o = run(p, KHO_V4_KEYAPI)
+    geo = geometry(page_shift)
+    walked = list(kernel_walk(o.root_phys, geo, memory_reader(o.image, p.header)))
+    assert sum(not is_node for is_node, _ in walked) >= 6 and sum(is_node for is_node, _ in walked) > geo.root_level
+    assert list(_walk_events(traverse(o.root_phys, geo, page_reader(o.image), strict=True))) == walked
 
 
 def test_outcome_to_json():
