@@ -27,8 +27,10 @@ from conftest import PAGE_SHIFTS, SERIES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conformance.native.binding import _op_results
+from conformance.native.binding import _op_results, _own_line_hash
+from conformance.native.build import line_hash
 from conformance.native.contract import _BOUNDED, HEADER, STEP, pack_program
+from conformance.native.extract import C_DIR
 from reference.outcome import OpResult
 from reference.program import ARENA_BASE_PHYS, MAX_NAME, NOT_RUN, U64, Header, Op, Program, Step, is_vm_area, parse_program
 
@@ -370,3 +372,15 @@ def test_packed_steps_are_the_steps_wrapped_to_u64(steps):
         area = op == Op.PRESERVE_VMALLOC and is_vm_area(program.header, b, c, d, e)
         assert STEP.unpack_from(packed, HEADER.size + i * STEP.size) == (
             op, area, a & U64, b & U64, c & U64, d & U64, e & U64, name.encode().ljust(MAX_NAME + 1, b"\0"))
+
+
+def test_a_report_in_the_projects_own_c_is_hashed_from_this_checkout(tmp_path):
+    """A build in the cache may have been compiled in another checkout
+    (a git worktree), since removed: a sanitizer report's line in the
+    project's own C is read from this checkout's copy, which has the same
+    content (it is part of the build's key). Read from the gone path, the
+    site's line hash was '' and a known finding's site no longer matched."""
+    lines = (C_DIR / "shims" / "kc" / "bitops.h").read_text().split("\n")
+    gone = tmp_path / "gone" / "conformance" / "native" / "c" / "shims" / "kc" / "bitops.h"
+    assert _own_line_hash(str(gone), 44) == line_hash(lines[43]) != ""
+    assert _own_line_hash("/usr/include/stdio.h", 1) == _own_line_hash("?", 0) == ""

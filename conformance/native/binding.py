@@ -30,6 +30,7 @@ from ..errors import KhoConformError
 from ..source.tree_files import KHO_C
 from .build import SANITIZED_FLAVORS, Build, line_hash
 from .contract import ANSWER, OP_BOOT, PAIR_STREAMS, REC, Rec, Stream, cdef, pack_image, pack_memory, pack_program
+from .extract import C_DIR
 from .sanitizer import symbolize
 
 _ffi = FFI()
@@ -283,12 +284,28 @@ def _op_results(answers: Iterable[tuple[int, int, int]], warns: dict[int, list[s
 
 @functools.lru_cache(maxsize=256)
 def _own_line_hash(path: str, line: int) -> str:
-    """The line-text hash of a line of the project's own C (the shims), or ''."""
+    """The line-text hash of a line of the project's own C (the shims), or
+    ''. Read from this checkout's copy of the file, not from the path the
+    build was compiled at: a build in the cache may come from another
+    checkout, since gone or changed, and its files had this checkout's
+    content (the project's C is part of the build's key)."""
+    own = _own_c_file(path)
     try:
-        lines = Path(path).read_text().split("\n")
+        lines = own.read_text().split("\n") if own else []
     except OSError:
         return ""
     return line_hash(lines[line - 1]) if 0 < line <= len(lines) else ""
+
+
+def _own_c_file(path: str) -> Path | None:
+    """This checkout's file for a compile-time path of the project's C: the
+    longest tail of it that names a file under C_DIR."""
+    parts = Path(path).parts
+    for i in range(len(parts)):
+        candidate = C_DIR.joinpath(*parts[i:]) if parts[i:] and parts[i] != "/" else None
+        if candidate is not None and candidate.is_file():
+            return candidate
+    return None
 
 
 def _same_tree(root: int, page: Callable[[int], bytes | None], like: Outcome) -> bool:
