@@ -275,7 +275,7 @@ def _op_results(answers: Iterable[tuple[int, int, int]], warns: dict[int, list[s
     plain answers share one object."""
     shared = _SharedResults()
     out = [shared[answer] for answer in answers]
-    for i in sorted(warns.keys() | vmaps.keys()):
+    for i in warns.keys() | vmaps.keys():
         if i < len(out):
             r = out[i]
             out[i] = OpResult(r.rc, r.value, r.value2, tuple(warns.get(i, ())), tuple(vmaps.get(i, ())))
@@ -300,10 +300,9 @@ def _own_line_hash(path: str, line: int) -> str:
 def _own_c_file(path: str) -> Path | None:
     """This checkout's file for a compile-time path of the project's C: the
     longest tail of it that names a file under C_DIR."""
-    parts = Path(path).parts
+    parts = Path(path).relative_to(Path(path).anchor).parts
     for i in range(len(parts)):
-        candidate = C_DIR.joinpath(*parts[i:]) if parts[i:] and parts[i] != "/" else None
-        if candidate is not None and candidate.is_file():
+        if (candidate := C_DIR.joinpath(*parts[i:])).is_file():
             return candidate
     return None
 
